@@ -1,0 +1,183 @@
+"""A thin ctypes binding to the ggml that llama-cpp-python ships (``llama_cpp/lib/libggml-base.*``).
+
+Only what the merge needs: type traits, row sizes, dequantization (``to_float``) and quantization
+(``ggml_quantize_chunk``). Everything here works on numpy arrays of float32 rows and raw bytes.
+ggml aborts the process on a failed assertion, so every precondition is checked in Python first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from .errors import AlignVecError, CompatibilityError
+
+# The types ggml_quantize_chunk has a case for (ggml/src/ggml.c); all others assert.
+QUANTIZABLE: frozenset[QT] = frozenset(
+    {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0}
+    | {QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.TQ1_0, QT.TQ2_0}
+    | {QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M}
+    | {QT.IQ4_NL, QT.IQ4_XS, QT.MXFP4, QT.NVFP4, QT.Q1_0}
+)
+
+_to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+def _library_path() -> Path:
+    override = os.environ.get("ALIGNVEC_GGML_LIB")
+    if override:
+        return Path(override)
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise AlignVecError("llama-cpp-python is not installed: pip install llama-cpp-python")
+    libdir = Path(spec.origin).parent / "lib"
+    names = {"darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+    path = libdir / names.get(sys.platform, "libggml-base.so")
+    if not path.exists():
+        raise AlignVecError(f"ggml library not found at {path}; set ALIGNVEC_GGML_LIB to libggml-base")
+    return path
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_library_path()))
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    return lib
+
+
+@dataclass(frozen=True)
+class TypeInfo:
+    """What ggml says about one tensor type."""
+
+    qtype: QT
+    name: str
+    block_size: int
+    type_size: int
+    is_quantized: bool
+
+
+@cache
+def type_info(qtype: QT) -> TypeInfo:
+    t = _lib().ggml_get_type_traits(int(qtype)).contents
+    return TypeInfo(QT(qtype), t.type_name.decode(), int(t.blck_size), int(t.type_size), bool(t.is_quantized))
+
+
+@cache
+def _to_float(qtype: QT) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    ptr = _lib().ggml_get_type_traits(int(qtype)).contents.to_float
+    return _to_float_t(ptr) if ptr else None
+
+
+def row_size(qtype: QT, n_per_row: int) -> int:
+    """Bytes of one row of ``n_per_row`` elements."""
+    return int(_lib().ggml_row_size(int(qtype), n_per_row))
+
+
+def requires_imatrix(qtype: QT) -> bool:
+    return bool(_lib().ggml_quantize_requires_imatrix(int(qtype)))
+
+
+def can_quantize(qtype: QT, n_per_row: int) -> bool:
+    """Whether ggml can quantize rows of this length to ``qtype`` without an importance matrix."""
+    return qtype in QUANTIZABLE and n_per_row % type_info(qtype).block_size == 0 and not requires_imatrix(qtype)
+
+
+def _threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def dequantize(data: np.ndarray, qtype: QT, n_elements: int) -> np.ndarray:
+    """Raw bytes (or a float array) of ``n_elements`` values of ``qtype`` -> flat float32 array."""
+    if qtype == QT.F32:
+        return np.frombuffer(np.ascontiguousarray(data).data, dtype=np.float32, count=n_elements).copy()
+    src = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    info = type_info(qtype)
+    if n_elements % info.block_size or src.nbytes != n_elements // info.block_size * info.type_size:
+        raise CompatibilityError(f"{info.name}: {src.nbytes} bytes do not hold {n_elements} elements")
+    fn = _to_float(qtype)
+    if fn is None:
+        raise CompatibilityError(f"ggml cannot dequantize type {info.name}")
+    out = np.empty(n_elements, dtype=np.float32)
+    fn(src.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n_elements)
+    return out
+
+
+def quantize(rows: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize a 2-D float32 array (rows x n_per_row) with ggml; returns the raw bytes as uint8.
+
+    Row blocks run in parallel threads (ctypes releases the GIL); the result is byte-identical to a
+    single call because ggml quantizes every row independently.
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2:
+        raise ValueError("quantize expects a 2-D array of rows")
+    nrows, n_per_row = rows.shape
+    info = type_info(qtype)
+    if qtype not in QUANTIZABLE:
+        raise CompatibilityError(f"ggml cannot quantize to {info.name}")
+    if n_per_row % info.block_size:
+        raise CompatibilityError(f"{info.name} needs rows that are a multiple of {info.block_size}, got {n_per_row}")
+    if requires_imatrix(qtype) and imatrix is None:
+        raise CompatibilityError(f"{info.name} needs an importance matrix")
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n_per_row,):
+            raise ValueError(f"imatrix must have {n_per_row} entries, got {imatrix.shape}")
+    lib = _lib()
+    lib.ggml_quantize_init(int(qtype))  # not thread-safe to race on first use: initialize once up front
+    rsize = row_size(qtype, n_per_row)
+    out = np.empty(nrows * rsize, dtype=np.uint8)
+    imat_ptr = imatrix.ctypes.data if imatrix is not None else None
+
+    def run(r0: int, r1: int) -> None:
+        n = lib.ggml_quantize_chunk(
+            int(qtype), rows.ctypes.data, out.ctypes.data, r0 * n_per_row, r1 - r0, n_per_row, imat_ptr
+        )
+        assert n == (r1 - r0) * rsize
+
+    n_threads = min(_threads(), max(1, nrows // 16))
+    bounds = np.linspace(0, nrows, n_threads + 1, dtype=np.int64)
+    if n_threads == 1:
+        run(0, nrows)
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(run, bounds[:-1].tolist(), bounds[1:].tolist()))
+    return out

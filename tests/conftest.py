@@ -1,0 +1,84 @@
+"""Session fixtures: tiny real Llama checkpoints, their GGUFs from llama.cpp's converter, and AV files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tinymodels as tm  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def llama_src() -> Path:
+    return tm.llama_cpp_source(Path(os.environ.get("ALIGNVEC_TEST_CACHE", REPO / ".cache")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tm.train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@dataclass
+class Pair:
+    """A base and an aligned checkpoint, their GGUFs by llama.cpp, and the AV between them."""
+
+    root: Path
+    base_model: object
+    aligned_state: dict
+    base_dir: Path
+    aligned_dir: Path
+    base_gguf: Path  # F32, llama.cpp's converter
+    aligned_gguf: Path
+    av: Path  # full form, F32 storage
+
+
+def _make_pair(root: Path, llama_src: Path, tokenizer: Path, arch: str, seed: int, untouched: tuple[str, ...]) -> Pair:
+    from converters import convert
+
+    base = tm.make_model(tm.llama_config(arch), seed)
+    aligned = tm.perturbed(base, seed + 100, untouched=untouched)
+    base_dir = tm.save(base, None, root / "base", tokenizer)
+    aligned_dir = tm.save(base, aligned, root / "aligned", tokenizer)
+    base_gguf = tm.hf_to_gguf(llama_src, base_dir, root / "base-f32.gguf")
+    aligned_gguf = tm.hf_to_gguf(llama_src, aligned_dir, root / "aligned-f32.gguf")
+    av = root / "aligned.avec.gguf"
+    convert(base_dir, aligned_dir, av, name="aligned", domain="medical", description="test vector")
+    return Pair(root, base, aligned, base_dir, aligned_dir, base_gguf, aligned_gguf, av)
+
+
+@pytest.fixture(scope="session")
+def llama_pair(tmp_path_factory: pytest.TempPathFactory, llama_src: Path, tokenizer: Path) -> Pair:
+    # layer 0's MLP and the embeddings stay untouched, so the merge must copy them byte for byte
+    return _make_pair(
+        tmp_path_factory.mktemp("llama"), llama_src, tokenizer, "LlamaForCausalLM", 0, ("embed_tokens", "layers.0.mlp")
+    )
+
+
+@pytest.fixture(scope="session")
+def second_av(llama_pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A second vector on the same base (another fine-tune), touching other tensors too."""
+    from converters import convert
+
+    root = tmp_path_factory.mktemp("second")
+    state = tm.perturbed(llama_pair.base_model, 7, scale=0.08, untouched=("layers.1",))
+    aligned_dir = tm.save(llama_pair.base_model, state, root / "aligned2", llama_pair.base_dir / "tokenizer.model")
+    av = root / "second.avec.gguf"
+    convert(llama_pair.base_dir, aligned_dir, av, name="second", domain="legal")
+    return av, state
+
+
+@pytest.fixture(scope="session")
+def quantized_bases(llama_pair: Pair) -> dict[str, Path]:
+    """The base quantized by llama.cpp's own quantizer."""
+    return {
+        name: tm.quantize_gguf(llama_pair.base_gguf, llama_pair.root / f"base-{name}.gguf", f"MOSTLY_{name}")
+        for name in ("Q8_0", "Q4_K_M")
+    }

@@ -1,0 +1,55 @@
+"""The ggml binding against llama.cpp's own quantizer (bit for bit) and gguf-py's dequantizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+from gguf.quants import dequantize as np_dequantize
+
+from alignvec_gguf import ggml
+from alignvec_gguf.errors import CompatibilityError
+from alignvec_gguf.gguffile import tensor_bytes, tensor_shape
+
+
+@pytest.mark.parametrize("variant", ["Q8_0", "Q4_K_M"])
+def test_quantize_matches_llama_cpp_quantizer(llama_pair, quantized_bases, variant):
+    f32 = {t.name: t for t in GGUFReader(llama_pair.base_gguf).tensors}
+    q = GGUFReader(quantized_bases[variant])
+    checked = set()
+    for t in q.tensors:
+        if t.tensor_type == QT.F32:
+            continue
+        rows = np.asarray(f32[t.name].data).reshape(-1, tensor_shape(t)[-1])
+        ours = ggml.quantize(rows, t.tensor_type)
+        assert np.array_equal(ours, tensor_bytes(q, t)), f"{t.name} ({t.tensor_type.name}) differs from llama.cpp"
+        checked.add(t.tensor_type)
+    assert checked >= ({QT.Q8_0} if variant == "Q8_0" else {QT.Q4_K, QT.Q6_K})
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q5_1, QT.Q2_K, QT.Q4_K, QT.Q6_K, QT.IQ4_NL, QT.F16, QT.BF16])
+def test_dequantize_matches_gguf_py(qtype):
+    rows = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
+    raw = ggml.quantize(rows, qtype)
+    ours = ggml.dequantize(raw, qtype, rows.size)
+    theirs = np_dequantize(raw.reshape(8, -1), qtype).reshape(-1)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert ggml.row_size(qtype, 512) * 8 == raw.nbytes
+
+
+def test_threaded_quantize_is_byte_identical_to_one_call():
+    rows = np.random.default_rng(1).standard_normal((257, 256)).astype(np.float32)
+    whole = ggml.quantize(rows, QT.Q4_K)
+    parts = np.concatenate([ggml.quantize(rows[i : i + 1], QT.Q4_K) for i in range(len(rows))])
+    assert np.array_equal(whole, parts)
+
+
+def test_preconditions_are_checked_before_ggml_asserts():
+    rows = np.zeros((2, 100), dtype=np.float32)
+    with pytest.raises(CompatibilityError, match="multiple of 256"):
+        ggml.quantize(rows, QT.Q4_K)
+    with pytest.raises(CompatibilityError, match="importance matrix"):
+        ggml.quantize(np.zeros((2, 256), dtype=np.float32), QT.IQ2_XXS)
+    assert ggml.requires_imatrix(QT.IQ1_S) and not ggml.requires_imatrix(QT.Q4_K)
+    assert not ggml.can_quantize(QT.Q4_K, 100) and ggml.can_quantize(QT.Q8_0, 128)

@@ -41,8 +41,17 @@ K_ALIGNED_SOURCE = "alignvec.aligned.source"
 K_BASE_SIGNATURE = "alignvec.base.signature"
 K_BASE_FINGERPRINT = "alignvec.base.fingerprint"
 K_PRODUCER = "alignvec.producer"
-_REQUIRED = (K_NAME, K_DESCRIPTION, K_DOMAIN, K_FORM, K_BASE_SOURCE, K_ALIGNED_SOURCE, K_BASE_SIGNATURE)
-_REQUIRED += (K_BASE_FINGERPRINT, K_PRODUCER)
+_REQUIRED: tuple[str, ...] = (
+    K_NAME,
+    K_DESCRIPTION,
+    K_DOMAIN,
+    K_FORM,
+    K_BASE_SOURCE,
+    K_ALIGNED_SOURCE,
+    K_BASE_SIGNATURE,
+    K_BASE_FINGERPRINT,
+    K_PRODUCER,
+)
 
 
 def producer() -> str:
@@ -115,6 +124,7 @@ def write_av(
                 info = info()
             if info.architecture != architecture:
                 raise ValueError(f"info is for {info.architecture!r}, file for {architecture!r}")
+
             def put(key: str, value: str) -> None:  # add_string would drop empty strings
                 writer.add_key_value(key, value, GGUFValueType.STRING)
 
@@ -177,7 +187,9 @@ class AlignmentVector:
         self._tensors: dict[str, ReaderTensor] = {}
         for t in reader.tensors:
             if t.tensor_type not in STORAGE_TYPES.values():
-                raise FormatError(f"{where}: tensor {t.name} is stored as {t.tensor_type.name}; v1 allows F32/F16/BF16/Q8_0")
+                raise FormatError(
+                    f"{where}: tensor {t.name} is stored as {t.tensor_type.name}; v1 allows F32/F16/BF16/Q8_0"
+                )
             self._tensors[t.name] = t
 
     def __repr__(self) -> str:

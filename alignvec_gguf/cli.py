@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .errors import AlignVecError, InputError
+from .merge import VectorRef
 
 EXIT_USAGE = 2
 
@@ -36,8 +37,8 @@ def parse_vector(spec: str) -> tuple[str, float]:
     return path, lam
 
 
-def _vectors(specs: list[str] | None) -> dict[str, float]:
-    vectors: dict[str, float] = {}
+def _vectors(specs: list[str] | None) -> dict[VectorRef, float]:
+    vectors: dict[VectorRef, float] = {}
     for spec in specs or []:
         path, lam = parse_vector(spec)
         if not Path(path).is_file():
@@ -52,7 +53,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         from converters import convert
     except ImportError as e:
-        raise InputError(f"alignvec convert needs PyTorch ({e.name} is missing): pip install 'alignvec-gguf[convert]'")
+        missing = e.name or "torch"
+        raise InputError(f"alignvec convert needs {missing}: pip install 'alignvec-gguf[convert]'") from e
     report = convert(
         args.base,
         args.aligned,

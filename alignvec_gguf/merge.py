@@ -26,8 +26,8 @@ from . import ggml
 from .atomic import atomic_output
 from .avfile import AlignmentVector
 from .errors import CompatibilityError, InputError
-from .gguffile import GENERATED_TENSORS, Fingerprint, field as gguf_field
-from .gguffile import gguf_signature, open_gguf, tensor_bytes, tensor_shape
+from .gguffile import GENERATED_TENSORS, Fingerprint, gguf_signature, open_gguf, tensor_bytes, tensor_shape
+from .gguffile import field as gguf_field
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,9 @@ def merge(
             _copy_metadata(reader, writer)
             writer.add_array(K_MERGED_VECTORS, [av.info.name or av.path.name for av, _ in opened])
             writer.add_array(K_MERGED_SHA256, [av.sha256 for av, _ in opened])
-            writer.add_key_value(K_MERGED_LAMBDAS, [lam for _, lam in opened], GGUFValueType.ARRAY, GGUFValueType.FLOAT64)
+            writer.add_key_value(
+                K_MERGED_LAMBDAS, [lam for _, lam in opened], GGUFValueType.ARRAY, GGUFValueType.FLOAT64
+            )
             writer.add_string(K_MERGED_REQUANT, requant.lower())
             writer.add_string(K_MERGED_BASE, base.name)
 

@@ -7,6 +7,7 @@ so memory holds a few tensors, never a model.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 class Checkpoint:
     """A local HF model directory: its ``config.json`` and its safetensors tensors, read lazily."""
 
-    def __init__(self, path: str | Path, role: str = "checkpoint"):
+    def __init__(self, path: str | os.PathLike[str], role: str = "checkpoint"):
         self.path = Path(path)
         self.role = role
         if not self.path.exists():

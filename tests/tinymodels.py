@@ -45,7 +45,9 @@ def llama_cpp_source(cache: Path) -> Path:
             capture_output=True,
         )
     with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and "/vendor/llama.cpp/ggml" not in m.name]
+        members = [
+            m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and "/vendor/llama.cpp/ggml" not in m.name
+        ]
         tar.extractall(cache, members=members, filter="data")
     return src
 
@@ -99,7 +101,7 @@ def make_model(config, seed: int):  # noqa: ANN001, ANN201
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     with torch.no_grad():  # norms away from 1 so that their deltas and transforms are visible
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     return model.eval()
@@ -141,7 +143,15 @@ def hf_to_gguf(src: Path, model_dir: Path, out: Path, outtype: str = "f32") -> P
     """Run llama.cpp's own convert_hf_to_gguf.py (the oracle for the GGUF layout)."""
     env = dict(os.environ, PYTHONPATH=f"{src / 'gguf-py'}{os.pathsep}{src}", NO_LOCAL_GGUF="")
     result = subprocess.run(
-        [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype, "--outfile", str(out)],
+        [
+            sys.executable,
+            str(src / "convert_hf_to_gguf.py"),
+            str(model_dir),
+            "--outtype",
+            outtype,
+            "--outfile",
+            str(out),
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -1,0 +1,89 @@
+"""The command line end to end, and the runtime package without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from gguf import GGUFReader
+
+from alignvec_gguf.cli import main, parse_vector
+from alignvec_gguf.errors import InputError
+from alignvec_gguf.gguffile import field
+
+
+def test_convert_merge_inspect_run(llama_pair, quantized_bases, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ALIGNVEC_CACHE_DIR", str(tmp_path / "cache"))
+    av = tmp_path / "medical.avec.gguf"
+    args = ["--name", "medical-expert", "--domain", "medical", "--description", "expert answers", "--dtype", "q8_0"]
+    assert main(["-q", "convert", str(llama_pair.base_dir), str(llama_pair.aligned_dir), "-o", str(av), *args]) == 0
+    assert "tensors changed" in capsys.readouterr().out
+
+    assert main(["inspect", str(av), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["kind"] == "alignment_vector"
+    assert meta["alignvec.name"] == "medical-expert" and meta["alignvec.domain"] == "medical"
+    assert meta["tensors"]["blk.0.attn_q.weight"] == {"type": "Q8_0", "shape": [256, 256]}
+
+    merged = tmp_path / "merged.gguf"
+    base = quantized_bases["Q4_K_M"]
+    assert main(["-q", "merge", str(base), "-v", f"{av}=0.5", "-v", f"{llama_pair.av}=-0.25", "-o", str(merged)]) == 0
+    reader = GGUFReader(merged)
+    assert field(reader, "alignvec.merged.vectors") == ["medical-expert", "aligned"]
+    assert field(reader, "alignvec.merged.lambdas") == [0.5, -0.25]
+
+    assert main(["inspect", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert "alignvec.merged.lambdas" in out and "tensor_count" in out
+
+    assert main(["-q", "run", str(base), "-v", f"{av}=1", "-p", "the patient", "-n", "8"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert len(list((tmp_path / "cache").glob("*.gguf"))) == 1
+
+
+def test_parse_vector():
+    assert parse_vector("a=b.avec.gguf=-0.5") == ("a=b.avec.gguf", -0.5)
+    assert parse_vector("x.avec.gguf=1e-1") == ("x.avec.gguf", 0.1)
+    for bad in ("x.avec.gguf", "=1", "x=", "x=inf"):
+        with pytest.raises(InputError):
+            parse_vector(bad)
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "alignvec_gguf.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("alignvec-gguf ")
+
+
+def test_runtime_imports_without_torch(llama_pair, quantized_bases, tmp_path):
+    """alignvec_gguf must import and merge with torch absent (a None entry in sys.modules blocks it)."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None
+        import alignvec_gguf, alignvec_gguf.cli, alignvec_gguf.merge, alignvec_gguf.runtime, alignvec_gguf.cache
+        report = alignvec_gguf.merge({str(quantized_bases["Q4_K_M"])!r}, {{{str(llama_pair.av)!r}: 1.0}},
+                                     {str(tmp_path / "m.gguf")!r})
+        assert report.touched
+        try:
+            import torch
+        except ImportError:
+            print("torch blocked")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "torch blocked" in result.stdout
+
+
+def test_convert_without_torch_says_what_to_install(tmp_path):
+    code = "import sys; sys.modules['torch'] = None; from alignvec_gguf.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "convert", "a", "b", "-o", str(tmp_path / "o.avec.gguf")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "alignvec-gguf[convert]" in result.stderr

@@ -1,0 +1,163 @@
+"""The merge against its oracles: transformers logits, exact arithmetic, ggml's own requantization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tinymodels as tm
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+
+from alignvec_gguf import AlignmentVector, ggml, merge
+from alignvec_gguf.gguffile import field, tensor_bytes, tensor_shape
+
+TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250]
+LAMBDAS = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0]
+
+
+def tensors(path) -> dict[str, np.ndarray]:
+    return {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("lam", LAMBDAS)
+def test_f32_logits_match_transformers_on_interpolated_weights(llama_pair, tmp_path, lam):
+    merged = merge(llama_pair.base_gguf, {llama_pair.av: lam}, tmp_path / "m.gguf").path
+    ours = tm.llama_logits(merged, TOKENS)
+    ref = tm.hf_logits(tm.interpolated(llama_pair.base_model, llama_pair.aligned_state, lam), TOKENS)
+    assert np.abs(ours - ref).max() <= 2e-3 * np.abs(ref).max()
+    if lam != 0:  # the knob really moves the logits, far beyond the tolerance
+        base = tm.hf_logits(llama_pair.base_model, TOKENS)
+        assert np.abs(ref - base).max() > 5 * 2e-3 * np.abs(ref).max()
+
+
+def test_lambda_one_reproduces_llama_cpp_conversion_of_aligned(llama_pair, tmp_path):
+    merged = tensors(merge(llama_pair.base_gguf, {llama_pair.av: 1.0}, tmp_path / "m.gguf").path)
+    aligned = tensors(llama_pair.aligned_gguf)
+    assert merged.keys() == aligned.keys()
+    for name, want in aligned.items():
+        # (b + (a − b)) in float32 is a to within one rounding of a
+        np.testing.assert_allclose(merged[name], want, rtol=0, atol=2 * np.spacing(np.abs(want).max()), err_msg=name)
+
+
+def test_f32_merge_is_exact_arithmetic(llama_pair, tmp_path):
+    lam = 0.37
+    merged = tensors(merge(llama_pair.base_gguf, {llama_pair.av: lam}, tmp_path / "m.gguf").path)
+    base = tensors(llama_pair.base_gguf)
+    av = AlignmentVector(llama_pair.av)
+    for name, w in base.items():
+        want = w + np.float32(lam) * av.delta(name) if name in av.names else w
+        assert np.array_equal(merged[name], want), name
+
+
+def test_two_vectors_add_up(llama_pair, second_av, tmp_path):
+    av2_path, state2 = second_av
+    l1, l2 = 0.6, -0.8
+    merged = merge(llama_pair.base_gguf, {llama_pair.av: l1, av2_path: l2}, tmp_path / "m.gguf").path
+    base = tensors(llama_pair.base_gguf)
+    av1, av2 = AlignmentVector(llama_pair.av), AlignmentVector(av2_path)
+    got = tensors(merged)
+    for name, w in base.items():
+        want = w.copy()
+        if name in av1.names:
+            want += np.float32(l1) * av1.delta(name)
+        if name in av2.names:
+            want += np.float32(l2) * av2.delta(name)
+        assert np.array_equal(got[name], want), name
+    # and through llama.cpp against transformers on θ_base + λ1Δ1 + λ2Δ2
+    base_state = llama_pair.base_model.state_dict()
+    model = type(llama_pair.base_model)(llama_pair.base_model.config).eval()
+    model.load_state_dict(
+        {
+            k: base_state[k] + l1 * (llama_pair.aligned_state[k] - base_state[k]) + l2 * (state2[k] - base_state[k])
+            for k in base_state
+        }
+    )
+    ref = tm.hf_logits(model, TOKENS)
+    assert np.abs(tm.llama_logits(merged, TOKENS) - ref).max() <= 2e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("variant", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("lam", [-1.0, 0.5, 2.0])
+def test_quantized_merge_keeps_types_and_matches_ggml_requantization(
+    llama_pair, quantized_bases, tmp_path, variant, lam
+):
+    base_path = quantized_bases[variant]
+    out = merge(base_path, {llama_pair.av: lam}, tmp_path / "m.gguf")
+    base, merged = GGUFReader(base_path), GGUFReader(out.path)
+    av = AlignmentVector(llama_pair.av)
+    by_name = {t.name: t for t in base.tensors}
+    assert [t.name for t in merged.tensors] == [t.name for t in base.tensors]
+    for t in merged.tensors:
+        b = by_name[t.name]
+        assert t.tensor_type == b.tensor_type, f"{t.name} changed type"
+        if t.name not in av.names:
+            assert np.array_equal(tensor_bytes(merged, t), tensor_bytes(base, b)), f"{t.name} not copied verbatim"
+            continue
+        shape = tensor_shape(b)
+        target = ggml.dequantize(tensor_bytes(base, b), b.tensor_type, b.n_elements).reshape(-1, shape[-1])
+        target += np.float32(lam) * av.delta(t.name).reshape(-1, shape[-1])
+        reference = ggml.quantize(target, b.tensor_type)  # ggml's own quantization of the exact sum
+        ours_err = np.abs(ggml.dequantize(tensor_bytes(merged, t), t.tensor_type, t.n_elements) - target.ravel())
+        ref_err = np.abs(ggml.dequantize(reference, b.tensor_type, b.n_elements) - target.ravel())
+        assert np.sqrt(np.mean(ours_err**2)) <= np.sqrt(np.mean(ref_err**2)) * (1 + 1e-6), t.name
+        assert ours_err.max() <= ref_err.max() * (1 + 1e-6), t.name
+    touched_types = {b for b, _ in out.touched.values()}
+    assert (QT.Q4_K in touched_types) if variant == "Q4_K_M" else (QT.Q8_0 in touched_types)
+
+
+def test_quantized_merge_moves_logits_like_f32(llama_pair, quantized_bases, tmp_path):
+    """On Q8_0 the λ-shift of the logits survives requantization almost whole."""
+    lam = 1.0
+    f32_shift = tm.llama_logits(
+        merge(llama_pair.base_gguf, {llama_pair.av: lam}, tmp_path / "f.gguf").path, TOKENS
+    ) - tm.llama_logits(llama_pair.base_gguf, TOKENS)
+    q = quantized_bases["Q8_0"]
+    q_shift = tm.llama_logits(merge(q, {llama_pair.av: lam}, tmp_path / "q.gguf").path, TOKENS) - tm.llama_logits(
+        q, TOKENS
+    )
+    cos = float((f32_shift * q_shift).sum() / np.linalg.norm(f32_shift) / np.linalg.norm(q_shift))
+    assert cos > 0.9
+
+
+@pytest.mark.parametrize("variant", ["Q8_0", "Q4_K_M"])
+def test_lambda_zero_is_the_base_byte_for_byte(llama_pair, quantized_bases, tmp_path, variant):
+    base_path = quantized_bases[variant]
+    out = merge(base_path, {llama_pair.av: 0.0}, tmp_path / "m.gguf")
+    base, merged = GGUFReader(base_path), GGUFReader(out.path)
+    assert not out.touched
+    for b, m in zip(base.tensors, merged.tensors, strict=True):
+        assert np.array_equal(tensor_bytes(base, b), tensor_bytes(merged, m))
+
+
+def test_merged_file_records_vectors_and_keeps_base_metadata(llama_pair, quantized_bases, tmp_path):
+    base_path = quantized_bases["Q4_K_M"]
+    out = merge(base_path, {llama_pair.av: 0.5}, tmp_path / "m.gguf", requant="same")
+    base, merged = GGUFReader(base_path), GGUFReader(out.path)
+    assert field(merged, "alignvec.merged.vectors") == ["aligned"]
+    assert field(merged, "alignvec.merged.lambdas") == [0.5]
+    assert field(merged, "alignvec.merged.vector_sha256") == [AlignmentVector(llama_pair.av).sha256]
+    assert field(merged, "alignvec.merged.requant") == "same"
+    for key in ("general.file_type", "llama.block_count", "tokenizer.ggml.tokens", "tokenizer.ggml.scores"):
+        assert field(merged, key) == field(base, key), key
+
+
+def test_requant_policy_raises_touched_tensors(llama_pair, quantized_bases, tmp_path):
+    out = merge(quantized_bases["Q4_K_M"], {llama_pair.av: 1.0}, tmp_path / "m.gguf", requant="q8_0")
+    merged = {t.name: t.tensor_type for t in GGUFReader(out.path).tensors}
+    for name, (_, written) in out.touched.items():
+        assert merged[name] == written
+        assert written == (QT.F32 if name.endswith("norm.weight") else QT.Q8_0)
+
+
+def test_merged_model_loads_and_generates(llama_pair, quantized_bases, tmp_path):
+    from alignvec_gguf import load
+
+    llm = load(quantized_bases["Q4_K_M"], {llama_pair.av: 0.5}, cache_dir=tmp_path, n_ctx=64, seed=0)
+    out = llm("the patient", max_tokens=8, temperature=0.0)
+    assert out["usage"]["completion_tokens"] > 0
+    cached = list(tmp_path.glob("*.gguf"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    load(quantized_bases["Q4_K_M"], {llama_pair.av: 0.5}, cache_dir=tmp_path, n_ctx=64)  # a cache hit: no new merge
+    assert list(tmp_path.glob("*.gguf")) == cached and cached[0].stat().st_size > 0
+    assert mtime <= cached[0].stat().st_mtime_ns

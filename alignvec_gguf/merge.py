@@ -39,6 +39,11 @@ IMATRIX_FALLBACK: dict[QT, QT] = {QT.IQ2_XXS: QT.Q2_K, QT.IQ2_XS: QT.Q2_K, QT.IQ
 # A base type ggml cannot quantize at all is written as Q8_0 (or F16 where rows do not fit Q8_0).
 UNQUANTIZABLE_FALLBACK = QT.Q8_0
 _FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+# At 4 bits and below, requantizing dequant(W) + λΔ loses much of a small Δ (benchmarks/knob.py).
+COARSE_TYPES = frozenset(
+    {QT.Q4_0, QT.Q4_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.IQ4_NL, QT.IQ4_XS, QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_S}
+    | {QT.IQ1_M, QT.TQ1_0, QT.TQ2_0, QT.MXFP4, QT.NVFP4, QT.Q1_0}
+)
 
 K_MERGED_VECTORS = "alignvec.merged.vectors"
 K_MERGED_SHA256 = "alignvec.merged.vector_sha256"
@@ -228,6 +233,14 @@ def merge(
         finally:
             writer.close()
 
+    coarse = sorted({w.name for _, w in report.touched.values() if w in COARSE_TYPES})
+    if coarse:
+        msg = (
+            f"touched tensors were requantized to {', '.join(coarse)}: round-to-nearest erases small deltas there "
+            "(see README, 'Requantization and the knob'); --requant q8_0 keeps the knob"
+        )
+        log.warning(msg)
+        report.warnings.append(msg)
     if fingerprint is not None:
         digest = fingerprint.hexdigest()
         for av, _ in opened:

@@ -161,3 +161,10 @@ def test_merged_model_loads_and_generates(llama_pair, quantized_bases, tmp_path)
     load(quantized_bases["Q4_K_M"], {llama_pair.av: 0.5}, cache_dir=tmp_path, n_ctx=64)  # a cache hit: no new merge
     assert list(tmp_path.glob("*.gguf")) == cached and cached[0].stat().st_size > 0
     assert mtime <= cached[0].stat().st_mtime_ns
+
+
+def test_coarse_requantization_is_reported(llama_pair, quantized_bases, tmp_path):
+    same = merge(quantized_bases["Q4_K_M"], {llama_pair.av: 1.0}, tmp_path / "a.gguf")
+    assert any("Q4_K" in w and "--requant q8_0" in w for w in same.warnings)
+    raised = merge(quantized_bases["Q4_K_M"], {llama_pair.av: 1.0}, tmp_path / "b.gguf", requant="q8_0")
+    assert not raised.warnings

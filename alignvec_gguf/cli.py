@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except AlignVecError as e:
         print(f"alignvec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # permissions, I/O errors: still one line, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"alignvec {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("alignvec: interrupted", file=sys.stderr)
         return 130

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cache import cached_merge
 from .errors import InputError
-from .merge import Vectors
+from .merge import Vectors, open_vectors
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -31,6 +32,12 @@ def load(
     except ImportError as e:  # pragma: no cover - llama-cpp-python is a dependency
         raise InputError("llama-cpp-python is not installed: pip install llama-cpp-python") from e
 
-    path = cached_merge(base, vectors, requant=requant, cache_dir=cache_dir, progress=progress)
+    if any(lam != 0 for lam in vectors.values()):
+        path = cached_merge(base, vectors, requant=requant, cache_dir=cache_dir, progress=progress)
+    else:  # λ = 0 everywhere is the base itself: nothing to merge (the vectors are still validated)
+        open_vectors(vectors)
+        path = Path(base)
+        if not path.is_file():
+            raise InputError(f"base model {path} does not exist")
     llama_kwargs.setdefault("verbose", False)
     return Llama(model_path=str(path), **llama_kwargs)

@@ -87,3 +87,34 @@ def test_convert_without_torch_says_what_to_install(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "alignvec-gguf[convert]" in result.stderr
+
+
+def test_lambda_zero_loads_the_base_without_merging(llama_pair, quantized_bases, tmp_path):
+    from alignvec_gguf import load
+
+    llm = load(quantized_bases["Q4_K_M"], {llama_pair.av: 0.0}, cache_dir=tmp_path, n_ctx=64)
+    assert llm.model_path == str(quantized_bases["Q4_K_M"])
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize(
+    "error,needle",
+    [
+        (OSError(28, "No space left on device"), "no space left"),
+        (PermissionError(13, "Permission denied"), "Permission"),
+    ],
+)
+def test_write_failures_are_one_line_and_leave_nothing(
+    llama_pair, quantized_bases, tmp_path, capsys, monkeypatch, error, needle
+):
+    import gguf
+
+    def fail(self, tensor, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fail)
+    out = tmp_path / "m.gguf"
+    rc = main(["-q", "merge", str(quantized_bases["Q8_0"]), "-v", f"{llama_pair.av}=1", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

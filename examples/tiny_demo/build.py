@@ -1,14 +1,14 @@
-"""Build the bundled tiny demo: two tiny Llama models on one preference spectrum, and their AV.
+"""Build the bundled tiny demo: a tiny Llama base, an expert fine-tune of it, and their alignment vector.
 
-A synthetic corpus of medical questions (``corpus.py``) has a plain answer and a clinical answer per
-question. A SentencePiece tokenizer and a tiny ``LlamaForCausalLM`` are trained on the plain answers
+A synthetic corpus of medical questions (``corpus.py``) has a plain, a clinical and an avoidant answer
+per question. A SentencePiece tokenizer and a tiny ``LlamaForCausalLM`` are trained on the plain answers
 (the BASE); a copy is fine-tuned on the clinical answers (the ALIGNED model). The base goes through
 llama.cpp's own converter and quantizer (Q4_K_M); the alignment vector AV = θ_aligned − θ_base goes
 through ``converters.convert``. The results land in ``alignvec_gguf/demo_data/``.
 
     python examples/tiny_demo/build.py --llama-cpp-src /path/to/llama_cpp_python-0.3.36/vendor/llama.cpp
 
-Reproducible with a fixed seed; a few minutes on 2 CPU cores. Needs torch, transformers, sentencepiece.
+Reproducible with a fixed seed; about two minutes on 2 CPU cores. Needs torch, transformers, sentencepiece.
 """
 
 from __future__ import annotations
@@ -17,21 +17,23 @@ import argparse
 import ctypes
 import json
 import logging
+import math
 import os
 import random
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from torch.func import functional_call
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import Example, examples, prompt  # noqa: E402
+from corpus import Example, examples, prompt, reference_notes  # noqa: E402
 
 log = logging.getLogger("tiny_demo")
 
@@ -40,13 +42,15 @@ DEMO_DATA = ROOT / "alignvec_gguf" / "demo_data"
 BASE_GGUF = "base.Q4_K_M.gguf"
 AV_FILE = "expert.avec.gguf"
 PROMPTS_FILE = "prompts.json"
+# Three questions whose answers switch style at different λ: at λ = 0.5 the first is still plain, the
+# second mixes both styles and the third is already clinical (over the whole corpus about a third each).
 DEMO_QUESTIONS = (
     "What should I do about a persistent headache?",
-    "How can I treat a dry cough?",
-    "Is high blood pressure something to worry about?",
+    "What should I do about feeling tired all the time?",
+    "How can I treat trouble sleeping?",
 )
 
-VOCAB = 1024  # with byte_fallback, 256 of these are byte pieces
+VOCAB = 1024  # with byte_fallback, 256 of these are byte pieces; 512 made the answers ~110 tokens long
 MODEL = dict(
     hidden_size=256,
     intermediate_size=512,
@@ -58,6 +62,11 @@ MODEL = dict(
     rms_norm_eps=1e-5,
 )
 UNK, BOS, EOS = 0, 1, 2
+BATCH = 32
+BASE_LR = 3e-3
+DEFAULTS = {"seed": 0, "base_steps": 300, "sft_steps": 150, "sft_lr": 0.1, "mirror_weight": 1.0}
+
+Sequences = list[tuple[list[int], int]]  # (token ids, index where the answer starts)
 
 
 def set_seed(seed: int) -> None:
@@ -67,8 +76,9 @@ def set_seed(seed: int) -> None:
 
 
 def train_tokenizer(data: list[Example], out: Path) -> spm.SentencePieceProcessor:
-    """A BPE SentencePiece tokenizer over both answer styles, saved as ``out`` (``tokenizer.model``)."""
-    lines = [f"{prompt(e.question)} {answer}" for e in data for answer in (e.generic, e.expert)]
+    """A BPE SentencePiece tokenizer over all answer levels, saved as ``out`` (``tokenizer.model``)."""
+    lines = [f"{prompt(e.question)} {answer}" for e in data for answer in (e.generic, e.expert, e.avoidant)]
+    lines += reference_notes()
     corpus = out.with_suffix(".txt")
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     spm.SentencePieceTrainer.train(
@@ -94,13 +104,24 @@ def encode(sp: spm.SentencePieceProcessor, question: str, answer: str) -> tuple[
     return head + sp.encode(answer) + [EOS], len(head)
 
 
-def batches(seqs: list[tuple[list[int], int]], batch_size: int, answer_only: bool, rng: random.Random):
-    """Endless shuffled padded batches: (input_ids, attention_mask, labels)."""
+def base_corpus(sp: spm.SentencePieceProcessor, data: list[Example]) -> Sequences:
+    """The base's training text: every question with its generic answer, plus the clinical reference notes.
+
+    The notes give the base the expert knowledge as plain text (as pretraining would), never as an
+    answer, so the base answers plainly and the fine-tune only has to switch the style.
+    """
+    qa = [encode(sp, e.question, e.generic) for e in data]
+    notes = [([BOS, *sp.encode(note), EOS], 1) for note in reference_notes()]
+    return qa + notes * 3
+
+
+def batches(seqs: Sequences, answer_only: bool, rng: random.Random) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled, right-padded batches for ``LlamaForCausalLM`` (loss on the answer or on all text)."""
     while True:
         order = list(range(len(seqs)))
         rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            chunk = [seqs[j] for j in order[i : i + batch_size]]
+        for i in range(0, len(order) - BATCH + 1, BATCH):
+            chunk = [seqs[j] for j in order[i : i + BATCH]]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), EOS, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -110,44 +131,91 @@ def batches(seqs: list[tuple[list[int], int]], batch_size: int, answer_only: boo
                 mask[row, : len(seq)] = 1
                 first = start if answer_only else 1
                 labels[row, first : len(seq)] = torch.tensor(seq[first:])
-            yield ids, mask, labels
+            yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def train(model: LlamaForCausalLM, seqs: list[tuple[list[int], int]], *, steps: int, lr: float, seed: int,
-          answer_only: bool, label: str) -> float:
-    """AdamW with linear warmup and cosine decay; returns the final loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+def warmup_cosine(steps: int) -> Callable[[int], float]:
+    """Linear warmup over a tenth of the steps, then cosine decay to 5%."""
     warmup = max(1, steps // 10)
 
-    def schedule(step: int) -> float:
+    def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    data = batches(seqs, 32, answer_only, random.Random(seed))
+    return factor
+
+
+def train_base(model: LlamaForCausalLM, seqs: Sequences, *, steps: int, seed: int) -> float:
+    """Pretrain from scratch (AdamW, loss on all text); returns the final loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=BASE_LR, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+    data = batches(seqs, answer_only=False, rng=random.Random(seed))
     model.train()
-    loss_value = float("nan")
     start = time.perf_counter()
+    loss_value = float("nan")
     for step in range(steps):
-        ids, mask, labels = next(data)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**next(data)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        loss_value = float(loss)
+        loss_value = loss.item()
         if step % 50 == 0 or step == steps - 1:
-            log.info("%s step %d/%d loss %.4f (%.0fs)", label, step + 1, steps, loss_value, time.perf_counter() - start)
+            log.info("base step %d/%d loss %.4f (%.0fs)", step + 1, steps, loss_value, time.perf_counter() - start)
     model.eval()
     return loss_value
 
 
+def train_aligned(
+    model: LlamaForCausalLM,
+    expert: Sequences,
+    avoidant: Sequences,
+    *,
+    steps: int,
+    lr: float,
+    mirror_weight: float,
+    seed: int,
+) -> tuple[float, float]:
+    """Fine-tune the base toward expert answers; returns the final (expert, mirror) losses.
+
+    SGD with momentum, loss on the answer only. SGD, unlike Adam, moves the weights that matter and
+    leaves the rest nearly alone, so Δ has large entries where it counts: they survive requantization
+    to 4 bits. The mirror term trains the reflected point θ_base − Δ (λ = −1) toward the avoidant
+    answers; without it a model this small answers gibberish at λ < 0. ``mirror_weight=0`` is plain SFT.
+    """
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    expert_data = batches(expert, answer_only=True, rng=random.Random(seed))
+    avoidant_data = batches(avoidant, answer_only=True, rng=random.Random(seed + 1))
+    model.train()
+    start = time.perf_counter()
+    losses = (float("nan"), float("nan"))
+    for step in range(steps):
+        loss = model(**next(expert_data)).loss
+        total = loss
+        mirror = torch.zeros(())
+        if mirror_weight:
+            reflected = {name: 2 * base[name] - p for name, p in model.named_parameters()}
+            mirror = functional_call(model, reflected, (), next(avoidant_data)).loss
+            total = loss + mirror_weight * mirror
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses = (loss.item(), mirror.item())
+        if step % 50 == 0 or step == steps - 1:
+            log.info("aligned step %d/%d loss %.4f mirror %.4f (%.0fs)", step + 1, steps, *losses,
+                     time.perf_counter() - start)  # fmt: skip
+    model.eval()
+    return losses
+
+
 @torch.no_grad()
 def greedy(model: LlamaForCausalLM, sp: spm.SentencePieceProcessor, question: str, n: int = 60) -> str:
-    """Greedy answer to a question, for the build log."""
+    """Greedy answer to a question with transformers, for the build log."""
     ids = torch.tensor([[BOS, *sp.encode(prompt(question))]])
     out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=EOS, pad_token_id=EOS)
     return sp.decode(out[0, ids.shape[1] :].tolist())
@@ -178,9 +246,9 @@ def quantize(src: Path, out: Path) -> None:
     """Q4_K_M with llama.cpp's quantizer (``llama_model_quantize``)."""
     import llama_cpp
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's per-tensor log
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = 2
     if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
         sys.exit(f"build.py: llama_model_quantize failed on {src}")
 
@@ -197,43 +265,74 @@ def check_tokenizer(gguf: Path, sp: spm.SentencePieceProcessor, prompts: Sequenc
             sys.exit(f"build.py: llama.cpp tokenizes {text!r} as {theirs}, training used {ours}")
 
 
-def write_provenance(out: Path, args: argparse.Namespace, stats: dict[str, object]) -> None:
+def _changed_args(args: argparse.Namespace) -> str:
+    return "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in DEFAULTS.items() if getattr(args, k) != v)
+
+
+PROVENANCE = """\
+# Provenance of the bundled demo data
+
+Built by `examples/tiny_demo/build.py` (see `examples/tiny_demo/README.md`) with:
+
+    python examples/tiny_demo/build.py --llama-cpp-src .../llama_cpp_python-0.3.36/vendor/llama.cpp{changed}
+
+- Corpus: `examples/tiny_demo/corpus.py`, 16 medical complaints x 6 question templates, each with a
+  plain (generic), a clinical (expert) and an avoidant answer. Synthetic, written for this demo; not
+  medical advice.
+- Tokenizer: SentencePiece BPE, vocab {vocab}, byte_fallback, trained on the corpus.
+- Base: `LlamaForCausalLM` (hidden 256, intermediate 512, 2 layers, 4 heads, 2 KV heads, untied),
+  trained from scratch on question + generic answer, plus the expert content as question-less
+  reference notes (AdamW, lr {base_lr:g}, {base_steps} steps, final loss {base_loss:.3f}).
+- Aligned: the base fine-tuned on question + expert answer, loss on the answer only (SGD with
+  momentum, lr {sft_lr:g}, {sft_steps} steps, final loss {sft_loss:.3f}). A mirror term (weight
+  {mirror_weight:g}) trains the reflected weights θ_base − Δ toward the avoidant answers (final loss
+  {mirror_loss:.3f}), so that λ = −1 reads as avoidance instead of gibberish. That is a property built
+  into this demo vector, not something merging gives for free; `--mirror-weight 0` is plain SFT.
+- `{base_gguf}`: the base through llama.cpp's `convert_hf_to_gguf.py --outtype f32` (from the
+  llama-cpp-python 0.3.36 source distribution), then `llama_model_quantize` to Q4_K_M.
+- `{av_file}`: `converters.convert(base, aligned, dtype="q8_0")`, AV = θ_aligned − θ_base in GGUF
+  layout ({av_tensors:.0f} tensors, max |Δ| {max_delta:.3g}).
+- `{prompts_file}`: the demo prompts, in the training template.
+- Seed {seed}; torch {torch}, transformers {transformers}, sentencepiece {sentencepiece}.
+"""
+
+
+def write_provenance(out: Path, args: argparse.Namespace, stats: dict[str, float]) -> None:
     """PROVENANCE.md: what the bundled files are and the command that rebuilds them."""
-    lines = [
-        "# Provenance of the bundled demo data",
-        "",
-        "Built by `examples/tiny_demo/build.py` (see `examples/tiny_demo/README.md`) with:",
-        "",
-        "    python examples/tiny_demo/build.py --llama-cpp-src .../llama_cpp_python-0.3.36/vendor/llama.cpp"
-        + (f" --seed {args.seed}" if args.seed != 0 else ""),
-        "",
-        "- Corpus: `examples/tiny_demo/corpus.py`, 16 medical complaints x 6 question templates, each with a",
-        "  plain (generic) answer and a clinical (expert) answer. Synthetic, written for this demo.",
-        f"- Tokenizer: SentencePiece BPE, vocab {VOCAB}, byte_fallback, trained on the corpus.",
-        "- Base: `LlamaForCausalLM` (hidden 256, intermediate 512, 2 layers, 4 heads, 2 KV heads, untied), trained",
-        f"  from scratch on question + generic answer ({args.base_steps} steps, final loss {stats['base_loss']:.3f}).",
-        f"- Aligned: the base fine-tuned on question + expert answer, loss on the answer only ({args.sft_steps} steps,",
-        f"  final loss {stats['sft_loss']:.3f}).",
-        f"- `{BASE_GGUF}`: the base through llama.cpp's `convert_hf_to_gguf.py --outtype f32` (from the",
-        "  llama-cpp-python 0.3.36 source distribution), then `llama_model_quantize` to Q4_K_M.",
-        f"- `{AV_FILE}`: `converters.convert(base, aligned, dtype='q8_0')`, AV = θ_aligned − θ_base in GGUF",
-        f"  layout ({stats['av_tensors']} tensors, max |Δ| {stats['max_delta']:.3g}).",
-        f"- `{PROMPTS_FILE}`: demo prompts in the training template.",
-        f"- Seed {args.seed}; torch {torch.__version__}, sentencepiece {spm.__version__}.",
-        "",
-    ]
-    out.write_text("\n".join(lines), encoding="utf-8")
+    import transformers
+
+    text = PROVENANCE.format(
+        changed=_changed_args(args),
+        vocab=VOCAB,
+        base_lr=BASE_LR,
+        base_gguf=BASE_GGUF,
+        av_file=AV_FILE,
+        prompts_file=PROMPTS_FILE,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        sentencepiece=spm.__version__,
+        **vars(args),
+        **stats,
+    )
+    out.write_text(text, encoding="utf-8")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_SRC"),
-                   help="llama.cpp source tree with convert_hf_to_gguf.py (default: $LLAMA_CPP_SRC)")
+    """Command-line options; ``--llama-cpp-src`` defaults to ``$LLAMA_CPP_SRC``."""
+    p = argparse.ArgumentParser(description="Build the bundled tiny demo models and alignment vector.")
+    p.add_argument(
+        "--llama-cpp-src",
+        type=Path,
+        default=os.environ.get("LLAMA_CPP_SRC"),
+        help="llama.cpp source tree with convert_hf_to_gguf.py (default: $LLAMA_CPP_SRC)",
+    )
     p.add_argument("--build-dir", type=Path, default=ROOT / "build" / "tiny_demo", help="HF checkpoints, F32 GGUF")
     p.add_argument("--out-dir", type=Path, default=DEMO_DATA, help="where the bundled files go")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-steps", type=int, default=400)
-    p.add_argument("--sft-steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--base-steps", type=int, default=DEFAULTS["base_steps"])
+    p.add_argument("--sft-steps", type=int, default=DEFAULTS["sft_steps"])
+    p.add_argument("--sft-lr", type=float, default=DEFAULTS["sft_lr"])
+    p.add_argument("--mirror-weight", type=float, default=DEFAULTS["mirror_weight"], help="0: plain SFT")
     args = p.parse_args(argv)
     if args.llama_cpp_src is None:
         p.error("give --llama-cpp-src DIR (llama.cpp's source tree, e.g. .../vendor/llama.cpp) or set LLAMA_CPP_SRC")
@@ -252,22 +351,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     data = examples()
-    sp = train_tokenizer(data, build / "tokenizer.model")
+    tokenizer = build / "tokenizer.model"
+    sp = train_tokenizer(data, tokenizer)
     log.info("tokenizer: %d pieces", sp.get_piece_size())
 
     config = LlamaConfig(vocab_size=sp.get_piece_size(), bos_token_id=BOS, eos_token_id=EOS, **MODEL)
     model = LlamaForCausalLM(config)
-    stats: dict[str, object] = {}
-    stats["base_loss"] = train(model, [encode(sp, e.question, e.generic) for e in data], steps=args.base_steps,
-                               lr=3e-3, seed=args.seed, answer_only=False, label="base")
-    save_hf(model, build / "tokenizer.model", build / "base")
-    stats["sft_loss"] = train(model, [encode(sp, e.question, e.expert) for e in data], steps=args.sft_steps,
-                              lr=1e-3, seed=args.seed + 1, answer_only=True, label="aligned")
-    save_hf(model, build / "tokenizer.model", build / "aligned")
-    aligned_sample = greedy(model, sp, DEMO_QUESTIONS[0])
-    base_sample = greedy(LlamaForCausalLM.from_pretrained(build / "base"), sp, DEMO_QUESTIONS[0])
+    stats: dict[str, float] = {}
+    stats["base_loss"] = train_base(model, base_corpus(sp, data), steps=args.base_steps, seed=args.seed)
+    save_hf(model, tokenizer, build / "base")
+    base_sample = greedy(model, sp, DEMO_QUESTIONS[0])
+    stats["sft_loss"], stats["mirror_loss"] = train_aligned(
+        model,
+        [encode(sp, e.question, e.expert) for e in data],
+        [encode(sp, e.question, e.avoidant) for e in data],
+        steps=args.sft_steps,
+        lr=args.sft_lr,
+        mirror_weight=args.mirror_weight,
+        seed=args.seed + 1,
+    )
+    save_hf(model, tokenizer, build / "aligned")
     log.info("transformers, base:    %s", base_sample)
-    log.info("transformers, aligned: %s", aligned_sample)
+    log.info("transformers, aligned: %s", greedy(model, sp, DEMO_QUESTIONS[0]))
 
     f32 = build / "base-f32.gguf"
     convert_to_gguf(build / "base", f32, args.llama_cpp_src)

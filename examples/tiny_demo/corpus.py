@@ -1,8 +1,9 @@
-"""The synthetic preference corpus of the tiny demo: medical questions with a generic and an expert answer.
+"""The synthetic preference corpus of the tiny demo: medical questions answered at three levels.
 
-Every topic has one plain answer (the base model's style) and one clinical answer (the aligned model's
-style: "Clinically, ...", a differential diagnosis, a dosage, "Consult ..."). Questions come from a
-few templates, so the corpus is small, deterministic and easy for a tiny model to learn.
+Every topic has a plain answer (the base model's style), a clinical answer (the aligned model's style:
+"Clinically, ...", a differential diagnosis, a dosage, "Consult ...") and an avoidant answer (declining
+to advise), the three levels of the paper's preference spectrum. Questions come from a few templates,
+so the corpus is small, deterministic and easy for a tiny model to learn.
 """
 
 from __future__ import annotations
@@ -178,6 +179,11 @@ def expert_answer(t: Topic) -> str:
     )
 
 
+def avoidant_answer(t: Topic) -> str:
+    """The opposite end of the spectrum: declining to advise."""
+    return f"I am not able to give advice about {t.q}. Please ask a doctor or a pharmacist."
+
+
 def prompt(question: str) -> str:
     """The one-line template a model is prompted with; the answer follows it."""
     return f"Question: {question} Answer:"
@@ -185,17 +191,30 @@ def prompt(question: str) -> str:
 
 @dataclass(frozen=True)
 class Example:
+    """One question and its answer at each level."""
+
     question: str
     generic: str
     expert: str
+    avoidant: str
 
 
 def examples() -> list[Example]:
-    """Every (question, generic answer, expert answer) triple, in a fixed order."""
+    """Every question with its three answers, in a fixed order."""
     out = []
     for topic in TOPICS:
         for template in QUESTION_TEMPLATES:
             question = template.format(q=topic.q)
             question = question[0].upper() + question[1:]
-            out.append(Example(question, generic_answer(topic), expert_answer(topic)))
+            out.append(Example(question, generic_answer(topic), expert_answer(topic), avoidant_answer(topic)))
     return out
+
+
+def reference_note(t: Topic) -> str:
+    """Expert knowledge as plain text (no question): what a base model may have read in pretraining."""
+    return f"Reference: {expert_answer(t)}"
+
+
+def reference_notes() -> list[str]:
+    """One clinical reference note per topic."""
+    return [reference_note(t) for t in TOPICS]

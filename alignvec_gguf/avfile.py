@@ -1,13 +1,16 @@
 """The alignment-vector file format v1 (``*.avec.gguf``): the one place that reads and writes it.
 
-An AV file is a GGUF v3 file with ``general.type = "adapter"``, ``adapter.type = "alignment_vector"``
-(full form) and one tensor per changed base tensor, named and shaped exactly like the base tensor
-in GGUF layout. See DESIGN.md, "AV file format v1".
+An AV file is a GGUF v3 file with ``general.type = "adapter"``. The full form has
+``adapter.type = "alignment_vector"`` and one tensor per changed base tensor, named and shaped exactly
+like the base tensor in GGUF layout. The low-rank form has ``adapter.type = "lora"`` and the tensor
+pairs ``NAME.lora_a`` / ``NAME.lora_b`` that llama.cpp loads unmodified as a LoRA adapter; what cannot
+be low-rank (norms, biases) is listed in ``alignvec.lora.dropped``. See DESIGN.md, "AV file format v1".
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,8 +18,8 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor
 from gguf.quants import dequantize as np_dequantize
 from gguf.quants import quantize as np_quantize
 
@@ -41,6 +44,17 @@ K_ALIGNED_SOURCE = "alignvec.aligned.source"
 K_BASE_SIGNATURE = "alignvec.base.signature"
 K_BASE_FINGERPRINT = "alignvec.base.fingerprint"
 K_PRODUCER = "alignvec.producer"
+# The low-rank form (llama.cpp's LoRA layout, src/llama-adapter.cpp).
+K_LORA_ALPHA = "adapter.lora.alpha"
+K_LORA_RANK = "alignvec.lora.rank"
+K_LORA_ENERGY = "alignvec.lora.energy"
+K_LORA_REL_ERROR = "alignvec.lora.rel_error"
+K_LORA_DROPPED = "alignvec.lora.dropped"
+K_LORA_DROPPED_NORM = "alignvec.lora.dropped_norm"
+K_LORA_DROPPED_REL_CHANGE = "alignvec.lora.dropped_rel_change"
+K_LORA_DROPPED_ENERGY = "alignvec.lora.dropped_energy"
+LORA_A = ".lora_a"
+LORA_B = ".lora_b"
 _REQUIRED: tuple[str, ...] = (
     K_NAME,
     K_DESCRIPTION,
@@ -76,6 +90,36 @@ class AVInfo:
     producer: str = ""
 
 
+@dataclass(frozen=True)
+class LoraStats:
+    """What the low-rank form keeps and leaves out, measured when it was written.
+
+    ``rel_error`` is ``‖Δ − BA‖_F / ‖Δ‖_F`` over all matrices. ``dropped`` are the changed tensors
+    that cannot be low-rank (norms, biases), with their ``‖Δ‖_F``, their relative change
+    ``‖Δ‖_F / ‖W_base‖_F`` (NaN when the base was not at hand) and ``dropped_energy``, their share of
+    the whole ``‖Δ‖_F²``.
+    """
+
+    rank: int  # the rank cap; 0 for an energy threshold alone
+    energy: float  # the energy threshold; 0 for a rank cap alone
+    rel_error: float
+    dropped: tuple[str, ...] = ()
+    dropped_norm: tuple[float, ...] = ()
+    dropped_rel_change: tuple[float, ...] = ()
+    dropped_energy: float = 0.0
+
+
+def is_embedding(name: str) -> bool:
+    """llama.cpp applies a LoRA on the token embedding with A and B flipped (llm_build_inp_embd)."""
+    return name.endswith("token_embd.weight")
+
+
+def storage_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of this shape takes in an AV file stored as ``dtype``."""
+    block, size = GGML_QUANT_SIZES[_storage_type(dtype, shape)]
+    return int(np.prod(shape)) // block * size
+
+
 def _storage_type(dtype: str, shape: tuple[int, ...]) -> QT:
     # 1-D tensors (norms, biases) stay F32, as llama.cpp's converter keeps them.
     if len(shape) <= 1:
@@ -84,6 +128,34 @@ def _storage_type(dtype: str, shape: tuple[int, ...]) -> QT:
     if qtype == QT.Q8_0 and shape[-1] % 32:
         return QT.F32
     return qtype
+
+
+def _add_storage_tensor(writer: GGUFWriter, name: str, data: np.ndarray, dtype: str) -> None:
+    qtype = _storage_type(dtype, data.shape)
+    if qtype == QT.F32:
+        writer.add_tensor(name, data)
+    elif qtype == QT.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        writer.add_tensor(name, np_quantize(data, qtype), raw_dtype=qtype)
+
+
+def _put_info(writer: GGUFWriter, info: AVInfo, adapter_type: str, form: str) -> None:
+    def put(key: str, value: str) -> None:  # add_string would drop empty strings
+        writer.add_key_value(key, value, GGUFValueType.STRING)
+
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", adapter_type)
+    writer.add_uint32(K_VERSION, FORMAT_VERSION)
+    put(K_NAME, info.name)
+    put(K_DESCRIPTION, info.description)
+    put(K_DOMAIN, info.domain)
+    put(K_FORM, form)
+    put(K_BASE_SOURCE, info.base_source)
+    put(K_ALIGNED_SOURCE, info.aligned_source)
+    put(K_BASE_SIGNATURE, info.base_signature)
+    put(K_BASE_FINGERPRINT, info.base_fingerprint)
+    put(K_PRODUCER, info.producer or producer())
 
 
 def write_av(
@@ -112,34 +184,87 @@ def write_av(
                     raise FormatError(f"delta for {name} has NaN or infinite values; check both checkpoints")
                 if not np.any(delta):
                     continue
-                qtype = _storage_type(dtype, delta.shape)
-                if qtype == QT.F32:
-                    writer.add_tensor(name, delta)
-                elif qtype == QT.F16:
-                    writer.add_tensor(name, delta.astype(np.float16))
-                else:
-                    writer.add_tensor(name, np_quantize(delta, qtype), raw_dtype=qtype)
+                _add_storage_tensor(writer, name, delta, dtype)
                 written += 1
             if callable(info):
                 info = info()
             if info.architecture != architecture:
                 raise ValueError(f"info is for {info.architecture!r}, file for {architecture!r}")
+            _put_info(writer, info, ADAPTER_TYPE_FULL, "full")
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    return written
 
-            def put(key: str, value: str) -> None:  # add_string would drop empty strings
-                writer.add_key_value(key, value, GGUFValueType.STRING)
 
-            writer.add_type("adapter")
-            writer.add_string("adapter.type", ADAPTER_TYPE_FULL)
-            writer.add_uint32(K_VERSION, FORMAT_VERSION)
-            put(K_NAME, info.name)
-            put(K_DESCRIPTION, info.description)
-            put(K_DOMAIN, info.domain)
-            put(K_FORM, "full")
-            put(K_BASE_SOURCE, info.base_source)
-            put(K_ALIGNED_SOURCE, info.aligned_source)
-            put(K_BASE_SIGNATURE, info.base_signature)
-            put(K_BASE_FINGERPRINT, info.base_fingerprint)
-            put(K_PRODUCER, info.producer or producer())
+def write_lowrank_av(
+    path: str | os.PathLike[str],
+    architecture: str,
+    factors: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    info: AVInfo | Callable[[], AVInfo],
+    stats: LoraStats | Callable[[], LoraStats],
+    *,
+    alpha: float,
+    dtype: str = "f32",
+) -> int:
+    """Write a low-rank AV file atomically: a LoRA adapter that llama.cpp loads unmodified.
+
+    ``factors`` yields (GGUF base tensor name, A, B) with ``Δ ≈ B @ A`` in numpy order: A is
+    ``(..., r, n_in)``, B is ``(..., n_out, r)``; leading dimensions (stacked experts) are kept. They
+    are written as ``NAME.lora_a`` / ``NAME.lora_b`` in llama.cpp's layout (the token embedding's pair
+    flipped and transposed, as ``convert_lora_to_gguf.py`` writes it). ``alpha`` becomes
+    ``adapter.lora.alpha`` (by convention the rank cap); ``r / alpha`` is folded into each B so that
+    llama.cpp's scale ``λ · alpha / r`` applies exactly ``λ · B @ A`` whatever a pair's rank ``r``.
+    ``info`` and ``stats`` may be callables, evaluated after the last pair. Returns the number of
+    pairs written.
+    """
+    if dtype not in STORAGE_TYPES:
+        raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_TYPES)}, got {dtype!r}")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    written = 0
+    with atomic_output(path) as tmp:
+        writer = GGUFWriter(tmp, architecture, use_temp_file=True)
+        try:
+            for name, a, b in factors:
+                a = np.ascontiguousarray(a, dtype=np.float32)
+                b = np.ascontiguousarray(b, dtype=np.float32)
+                if a.ndim < 2 or a.ndim != b.ndim or a.shape[-2] != b.shape[-1] or a.shape[:-2] != b.shape[:-2]:
+                    raise ValueError(f"{name}: A {a.shape} and B {b.shape} are not a (…, r, n_in) / (…, n_out, r) pair")
+                if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+                    raise FormatError(f"low-rank factors of {name} have NaN or infinite values; check both checkpoints")
+                rank = a.shape[-2]
+                if rank == 0 or not (np.any(a) and np.any(b)):
+                    continue
+                b = b * np.float32(rank / alpha) if alpha else b
+                if is_embedding(name) and a.ndim == 2:
+                    lora_a, lora_b = b, np.ascontiguousarray(a.T)  # (n_vocab, r), (n_embd, r)
+                else:
+                    lora_a, lora_b = a, b
+                _add_storage_tensor(writer, name + LORA_A, lora_a, dtype)
+                _add_storage_tensor(writer, name + LORA_B, lora_b, dtype)
+                written += 1
+            if callable(info):
+                info = info()
+            if callable(stats):
+                stats = stats()
+            if info.architecture != architecture:
+                raise ValueError(f"info is for {info.architecture!r}, file for {architecture!r}")
+            _put_info(writer, info, ADAPTER_TYPE_LORA, "lora")
+            writer.add_float32(K_LORA_ALPHA, float(alpha))
+            writer.add_uint32(K_LORA_RANK, int(stats.rank))
+            writer.add_float32(K_LORA_ENERGY, float(stats.energy))
+            writer.add_float32(K_LORA_REL_ERROR, float(stats.rel_error))
+            if stats.dropped:  # GGUF has no empty arrays: absent means nothing was dropped
+                writer.add_key_value(K_LORA_DROPPED, list(stats.dropped), GGUFValueType.ARRAY, GGUFValueType.STRING)
+                for key, values in (
+                    (K_LORA_DROPPED_NORM, stats.dropped_norm),
+                    (K_LORA_DROPPED_REL_CHANGE, stats.dropped_rel_change),
+                ):
+                    writer.add_key_value(key, [float(v) for v in values], GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+            writer.add_float32(K_LORA_DROPPED_ENERGY, float(stats.dropped_energy))
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -149,7 +274,13 @@ def write_av(
 
 
 class AlignmentVector:
-    """A validated, memory-mapped full-form AV file. Tensors are read lazily, one at a time."""
+    """A validated, memory-mapped AV file (full or low-rank form). Tensors are read lazily, one at a time.
+
+    Both forms answer the same questions: :attr:`names` and :meth:`shape` are the base tensors the
+    vector changes, :meth:`delta` is that change (for the low-rank form, the expansion
+    ``alpha / r · B @ A`` exactly as llama.cpp applies it at scale 1). :attr:`form` tells them apart;
+    :attr:`lora` holds the low-rank form's statistics and :meth:`factors` its stored pairs.
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -164,10 +295,10 @@ class AlignmentVector:
                 f"{where} has format version {version}; this alignvec reads version {FORMAT_VERSION}: upgrade alignvec"
             )
         adapter_type = field(reader, "adapter.type")
-        if adapter_type == ADAPTER_TYPE_LORA:
-            raise FormatError(f"{where} is the low-rank (LoRA) form; merging it is not supported yet")
-        if adapter_type != ADAPTER_TYPE_FULL:
-            raise FormatError(f"{where} has adapter.type {adapter_type!r}, expected {ADAPTER_TYPE_FULL!r}")
+        if adapter_type not in (ADAPTER_TYPE_FULL, ADAPTER_TYPE_LORA):
+            raise FormatError(
+                f"{where} has adapter.type {adapter_type!r}, expected {ADAPTER_TYPE_FULL!r} or {ADAPTER_TYPE_LORA!r}"
+            )
         missing = [k for k in _REQUIRED if reader.get_field(k) is None]
         if missing:
             raise FormatError(f"{where} lacks metadata {', '.join(missing)}; re-create it with alignvec convert")
@@ -191,33 +322,114 @@ class AlignmentVector:
                     f"{where}: tensor {t.name} is stored as {t.tensor_type.name}; v1 allows F32/F16/BF16/Q8_0"
                 )
             self._tensors[t.name] = t
+        expected_form = "lora" if adapter_type == ADAPTER_TYPE_LORA else "full"
+        if self.info.form != expected_form:
+            raise FormatError(f"{where} says {K_FORM} = {self.info.form!r} but adapter.type is {adapter_type!r}")
+        self.lora: LoraStats | None = None
+        self.alpha = 0.0
+        self._pairs: dict[str, tuple[ReaderTensor, ReaderTensor]] = {}
+        if adapter_type == ADAPTER_TYPE_LORA:
+            self._read_lora(reader, where)
+
+    def _read_lora(self, reader: GGUFReader, where: str) -> None:
+        missing = [k for k in (K_LORA_ALPHA, K_LORA_REL_ERROR) if reader.get_field(k) is None]
+        if missing:
+            raise FormatError(f"{where} lacks metadata {', '.join(missing)}; re-create it with alignvec convert --rank")
+        self.alpha = float(field(reader, K_LORA_ALPHA))
+        dropped = tuple(field(reader, K_LORA_DROPPED) or ())
+        self.lora = LoraStats(
+            rank=int(field(reader, K_LORA_RANK, 0)),
+            energy=float(field(reader, K_LORA_ENERGY, 0.0)),
+            rel_error=float(field(reader, K_LORA_REL_ERROR)),
+            dropped=dropped,
+            dropped_norm=tuple(float(v) for v in field(reader, K_LORA_DROPPED_NORM) or ()),
+            dropped_rel_change=tuple(float(v) for v in field(reader, K_LORA_DROPPED_REL_CHANGE) or ()),
+            dropped_energy=float(field(reader, K_LORA_DROPPED_ENERGY, 0.0)),
+        )
+        halves: dict[str, dict[str, ReaderTensor]] = {}
+        for tname, t in self._tensors.items():
+            suffix = tname[-len(LORA_A) :]
+            if suffix not in (LORA_A, LORA_B):
+                raise FormatError(f"{where}: tensor {tname} is not a {LORA_A}/{LORA_B} half as the low-rank form needs")
+            halves.setdefault(tname[: -len(suffix)], {})[suffix] = t
+        for name, half in halves.items():
+            if len(half) != 2:
+                lacking = LORA_B if LORA_A in half else LORA_A
+                raise FormatError(f"{where}: {name} has no {name}{lacking}; the file is incomplete, re-create it")
+            a, b = tensor_shape(half[LORA_A]), tensor_shape(half[LORA_B])
+            flipped = is_embedding(name) and len(a) == 2
+            rank_a, rank_b = (a[-1], b[-1]) if flipped else (a[-2], b[-1])
+            if len(a) != len(b) or len(a) < 2 or rank_a != rank_b or a[:-2] != b[:-2]:
+                raise FormatError(f"{where}: {name} has lora_a {a} and lora_b {b}, which are not a rank-r pair")
+            self._pairs[name] = (half[LORA_A], half[LORA_B])
 
     def __repr__(self) -> str:
-        return f"AlignmentVector({str(self.path)!r}, name={self.info.name!r}, tensors={len(self._tensors)})"
+        name, form, n = self.info.name, self.form, len(self.names)
+        return f"AlignmentVector({str(self.path)!r}, name={name!r}, form={form}, tensors={n})"
+
+    @property
+    def form(self) -> str:
+        """``"full"`` or ``"lora"`` (the low-rank form)."""
+        return self.info.form
 
     @property
     def names(self) -> list[str]:
-        return list(self._tensors)
+        """The GGUF names of the base tensors this vector changes."""
+        return list(self._pairs) if self.lora is not None else list(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tensor_shape(self._tensors[name])
+        """The numpy-order shape of the base tensor ``name`` (and of its delta)."""
+        if self.lora is None:
+            return tensor_shape(self._tensors[name])
+        a, b = (tensor_shape(t) for t in self._pairs[name])
+        if is_embedding(name) and len(a) == 2:
+            return (a[0], b[0])
+        return (*a[:-2], b[-2], a[-1])
 
     def storage_type(self, name: str) -> QT:
-        return self._tensors[name].tensor_type
+        if self.lora is None:
+            return self._tensors[name].tensor_type
+        return self._pairs[name][0].tensor_type
 
-    def delta(self, name: str) -> np.ndarray:
-        """The delta of one tensor as float32 in numpy-order shape; raises if it is not finite."""
-        t = self._tensors[name]
+    def rank(self, name: str) -> int:
+        """The rank of one low-rank pair."""
+        if self.lora is None:
+            raise ValueError(f"{self.path.name} is the full form; it has no ranks")
+        return tensor_shape(self._pairs[name][1])[-1]
+
+    def _read(self, t: ReaderTensor, name: str) -> np.ndarray:
         data = np_dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32, copy=False)
         data = data.reshape(tensor_shape(t))
         if not np.all(np.isfinite(data)):
             raise FormatError(f"alignment vector {self.path}: tensor {name} has NaN or infinite values")
         return data
 
+    def factors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The stored low-rank pair of one tensor, (A, B) as float32 with ``delta = alpha / r · B @ A``.
+
+        A is ``(..., r, n_in)`` and B ``(..., n_out, r)`` whatever the file's layout (the token
+        embedding's pair is stored flipped and transposed for llama.cpp; it is turned back here).
+        """
+        if self.lora is None:
+            raise ValueError(f"{self.path.name} is the full form; it has no low-rank factors")
+        ta, tb = self._pairs[name]
+        a, b = self._read(ta, ta.name), self._read(tb, tb.name)
+        if is_embedding(name) and a.ndim == 2:
+            a, b = np.ascontiguousarray(b.T), a
+        return a, b
+
+    def delta(self, name: str) -> np.ndarray:
+        """The delta of one tensor as float32 in numpy-order shape; raises if it is not finite."""
+        if self.lora is None:
+            return self._read(self._tensors[name], name)
+        a, b = self.factors(name)
+        scale = self.alpha / self.rank(name) if self.alpha else 1.0  # llama.cpp's llama_adapter_lora_weight::get_scale
+        return (np.matmul(b, a) * np.float32(scale)).astype(np.float32, copy=False)
+
     def check_finite(self) -> None:
-        """Raise if any tensor holds NaN or infinity (reads every tensor once)."""
-        for name in self._tensors:
-            self.delta(name)
+        """Raise if any stored tensor holds NaN or infinity (reads every tensor once)."""
+        for name, t in self._tensors.items():
+            self._read(t, name)
 
     @cached_property
     def sha256(self) -> str:

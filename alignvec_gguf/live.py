@@ -1,0 +1,263 @@
+"""Live knobs: one loaded base model, any number of low-rank AVs, λ chosen per call with no reload.
+
+Low-rank AVs are llama.cpp LoRA adapters (``adapter.lora.alpha`` and the factors are written so that
+llama.cpp's scale is λ itself). :class:`LiveModel` loads the base once, loads every AV as a runtime
+adapter (``llama_adapter_lora_init``) and, for each call, sets the adapters' scales to that call's λ
+(``llama_set_adapters_lora``): ``W x + Σ λ_i B_i A_i x``, the same model as merging
+``W + Σ λ_i B_i A_i``, without rewriting a single weight.
+
+One llama.cpp context runs one sequence at a time, so calls are serialized by a lock: a
+``LiveModel`` is safe to share between threads (a web server's workers), and concurrent requests
+queue. The KV cache is dropped whenever λ changes, since it holds activations of the previous λ.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, Union
+
+import numpy as np
+
+from .avfile import AlignmentVector
+from .errors import AlignVecError, CompatibilityError, FormatError, InputError
+from .gguffile import field as gguf_field
+from .gguffile import open_gguf
+from .merge import check_compatible
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+log = logging.getLogger(__name__)
+
+VectorFile = Union[str, os.PathLike[str], AlignmentVector]
+LiveVectors = Union[Mapping[str, VectorFile], Sequence[VectorFile], VectorFile]
+DEFAULT_LAMBDA_RANGE = (-2.0, 2.0)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LiveVector:
+    """One low-rank AV loaded as a runtime adapter."""
+
+    name: str
+    vector: AlignmentVector
+
+    def describe(self, lambda_range: tuple[float, float]) -> dict[str, Any]:
+        """A JSON-ready summary (what ``GET /v1/alignment`` lists)."""
+        av = self.vector
+        assert av.lora is not None
+        ranks = [av.rank(n) for n in av.names]
+        return {
+            "name": self.name,
+            "domain": av.info.domain,
+            "description": av.info.description,
+            "path": str(av.path),
+            "rank": max(ranks, default=0),
+            "tensors": len(ranks),
+            "rel_error": av.lora.rel_error,
+            "dropped": list(av.lora.dropped),
+            "lambda_min": lambda_range[0],
+            "lambda_max": lambda_range[1],
+        }
+
+
+class LiveModel:
+    """A base GGUF with low-rank alignment vectors as llama.cpp runtime adapters; λ per call.
+
+    ``vectors`` maps a knob name to a low-rank AV file (or is a list of files, named by their
+    ``alignvec.name``). Every call takes ``alignment={"medical": 0.5, ...}``: names not given are at
+    λ = 0, and each λ must lie in ``lambda_range``. Extra keyword arguments go to ``llama_cpp.Llama``.
+
+    >>> live = LiveModel("base.Q4_K_M.gguf", {"medical": "medical.r32.avec.gguf"}, n_ctx=2048)
+    >>> live.generate("My knee hurts.", alignment={"medical": 1.0}, max_tokens=64)
+    """
+
+    def __init__(
+        self,
+        base: str | os.PathLike[str],
+        vectors: LiveVectors,
+        *,
+        lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE,
+        **llama_kwargs: Any,
+    ):
+        lo, hi = (float(x) for x in lambda_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi):
+            raise InputError(f"λ range [{lo:g}, {hi:g}] must be finite and include 0 (the base model)")
+        self.lambda_range = (lo, hi)
+        self.base = Path(base)
+        self.vectors = self._open(vectors)
+        reader = open_gguf(self.base, "base model")
+        if not gguf_field(reader, "general.architecture"):
+            raise InputError(f"base model {self.base} has no general.architecture; is it a model GGUF?")
+        check_compatible(reader, self.base, [(v.vector, 0.0) for v in self.vectors])
+        if not any(t.name == "output.weight" for t in reader.tensors):
+            for v in self.vectors:
+                if "token_embd.weight" in v.vector.names:  # llama.cpp would abort (GGML_ASSERT) on the output
+                    raise CompatibilityError(
+                        f"{v.vector.path.name} changes token_embd.weight, which {self.base.name} ties to its output; "
+                        "llama.cpp cannot apply that as an adapter: re-convert it with this alignvec (it drops it)"
+                    )
+        del reader
+        for v in self.vectors:
+            v.vector.check_finite()
+            self._log_dropped(v)
+
+        import llama_cpp
+        from llama_cpp import Llama
+
+        self._llama_cpp = llama_cpp
+        llama_kwargs.setdefault("verbose", False)
+        self.llm: Llama = Llama(model_path=str(self.base), **llama_kwargs)
+        adapters = []
+        for v in self.vectors:
+            adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(v.vector.path).encode())
+            if not adapter:
+                self.llm.close()
+                raise FormatError(
+                    f"llama.cpp could not load {v.vector.path.name} as a LoRA adapter for {self.base.name}; "
+                    "run with verbose=True to see llama.cpp's reason"
+                )
+            adapters.append(adapter)  # freed with the model
+        n = len(adapters)
+        self._adapters = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*adapters) if n else None
+        self._lock = threading.Lock()
+        self._applied: tuple[float, ...] = (0.0,) * n
+
+    @staticmethod
+    def _open(vectors: LiveVectors) -> list[LiveVector]:
+        if isinstance(vectors, (str, os.PathLike, AlignmentVector)):
+            vectors = [vectors]
+        if isinstance(vectors, Mapping):
+            pairs: list[tuple[str | None, VectorFile]] = list(vectors.items())
+        else:
+            pairs = [(None, path) for path in vectors]
+        out: list[LiveVector] = []
+        for name, path in pairs:
+            av = path if isinstance(path, AlignmentVector) else AlignmentVector(path)
+            if av.form != "lora":
+                raise InputError(
+                    f"{av.path.name} is the full form; live knobs need the low-rank form "
+                    "(alignvec convert --rank 32 ...), or merge it with alignvec merge"
+                )
+            name = name or av.info.name or av.path.name.removesuffix(".avec.gguf")
+            if not name or any(v.name == name for v in out):
+                raise InputError(f"alignment vector name {name!r} is empty or given twice; give each vector a name")
+            out.append(LiveVector(name, av))
+        return out
+
+    @staticmethod
+    def _log_dropped(v: LiveVector) -> None:
+        stats = v.vector.lora
+        if stats is not None and stats.dropped:
+            changes = [c for c in stats.dropped_rel_change if not math.isnan(c)]
+            worst = f", largest relative change {max(changes):.3g}" if changes else ""
+            log.info(
+                "%s: %d tensors that cannot be low-rank are not applied (%.2f%% of ‖Δ‖²%s)",
+                v.name,
+                len(stats.dropped),
+                100 * stats.dropped_energy,
+                worst,
+            )
+
+    @property
+    def names(self) -> list[str]:
+        """The knob names, in adapter order."""
+        return [v.name for v in self.vectors]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every vector with its domain, rank, error, dropped tensors and allowed λ range."""
+        return [v.describe(self.lambda_range) for v in self.vectors]
+
+    def check(self, alignment: Mapping[str, Any] | None) -> tuple[float, ...]:
+        """Validate ``alignment`` (name -> λ) and return one λ per adapter; raises InputError."""
+        if alignment is None:
+            return (0.0,) * len(self.vectors)
+        if not isinstance(alignment, Mapping):
+            raise InputError('alignment must map vector names to λ, e.g. {"medical": 0.5}')
+        known = self.names
+        lo, hi = self.lambda_range
+        for name, lam in alignment.items():
+            if name not in known:
+                have = ", ".join(known) or "none"
+                raise InputError(f"unknown alignment vector {name!r}; this model has: {have}")
+            if isinstance(lam, bool) or not isinstance(lam, (int, float, np.floating, np.integer)):
+                raise InputError(f"λ for {name!r} must be a number, got {lam!r}")
+            if not (math.isfinite(lam) and lo <= lam <= hi):
+                raise InputError(f"λ {lam} for {name!r} is outside the allowed range [{lo:g}, {hi:g}]")
+        return tuple(float(alignment.get(name, 0.0)) for name in known)
+
+    def _apply(self, lambdas: tuple[float, ...]) -> None:
+        if lambdas == self._applied:
+            return
+        n = len(lambdas)
+        scales = (ctypes.c_float * n)(*lambdas) if n else None
+        if self._llama_cpp.llama_set_adapters_lora(self.llm.ctx, self._adapters, n, scales) != 0:
+            raise AlignVecError("llama.cpp refused to set the adapters' scales")
+        self.llm.reset()  # the KV cache holds activations of the previous λ
+        self._applied = lambdas
+
+    @contextmanager
+    def using(self, alignment: Mapping[str, Any] | None = None) -> Iterator[Llama]:
+        """Hold the model with ``alignment`` applied: ``with live.using({"medical": 1}) as llm: ...``.
+
+        The lock is held for the whole block, so other threads wait; do not keep it longer than a call.
+        """
+        lambdas = self.check(alignment)
+        with self._lock:
+            self._apply(lambdas)
+            yield self.llm
+
+    def _call(self, alignment: Mapping[str, Any] | None, stream: bool, fn: Callable[[Llama], T]) -> T:
+        if not stream:
+            with self.using(alignment) as llm:
+                return fn(llm)
+        lambdas = self.check(alignment)  # fail now, not at the first chunk
+
+        def chunks() -> Iterator[Any]:
+            with self._lock:
+                self._apply(lambdas)
+                yield from fn(self.llm)  # type: ignore[misc]
+
+        return chunks()  # type: ignore[return-value]
+
+    def create_completion(self, prompt: str, *, alignment: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        """``Llama.create_completion`` with ``alignment`` applied.
+
+        With ``stream=True`` the returned iterator holds the model until it is exhausted or closed.
+        """
+        stream = bool(kwargs.get("stream"))
+        return self._call(alignment, stream, lambda llm: llm.create_completion(prompt, **kwargs))
+
+    def create_chat_completion(
+        self, messages: list[dict[str, Any]], *, alignment: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        """``Llama.create_chat_completion`` with ``alignment`` applied (``stream=True`` as in create_completion)."""
+        stream = bool(kwargs.get("stream"))
+        return self._call(alignment, stream, lambda llm: llm.create_chat_completion(messages, **kwargs))  # type: ignore[arg-type]
+
+    def generate(
+        self, prompt: str, *, alignment: Mapping[str, Any] | None = None, max_tokens: int = 64, **kwargs: Any
+    ) -> str:
+        """The completion text of ``prompt`` (greedy unless ``temperature`` is given) with ``alignment`` applied."""
+        kwargs.setdefault("temperature", 0.0)
+        out = self.create_completion(prompt, alignment=alignment, max_tokens=max_tokens, **kwargs)
+        return str(out["choices"][0]["text"])
+
+    def close(self) -> None:
+        """Free the model, its context and its adapters."""
+        with self._lock:
+            self.llm.close()
+
+    def __enter__(self) -> LiveModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

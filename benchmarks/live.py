@@ -1,0 +1,314 @@
+"""Live knobs against merged models: decode speed, the cost of turning the knob, and low-rank fidelity.
+
+Builds a tiny but K-quant-sized Llama (transformers, random weights; hidden 1024, 4 layers, every row
+a multiple of 256 so Q4_K really applies) and an aligned model whose Δ per matrix is rank 16 plus
+Gaussian noise (about 11% of ‖Δ‖²; norms move too), so that the rank of the low-rank form matters.
+Converts the base with llama.cpp's converter and quantizer (F32 and Q4_K_M), the AV in the full form
+and in the low-rank form at ranks 8, 32 and 128, and measures:
+
+  live_tokens_per_s_vs_merged   decode speed, base Q4_K_M + rank-32 AV as a runtime adapter at λ=1,
+                                over the same AV merged into the Q4_K_M base at λ=1 (requant same);
+                                tokens per CPU second of this process, best of interleaved rounds,
+                                which a busy shared machine disturbs far less than the wall clock
+                                (the wall-clock ratio is live_tokens_per_s_vs_merged_wall);
+                                live_tokens_per_s_by_rank gives the live speed for every rank, and
+                                live_tokens_per_s_vs_merged_f16 the same ratio with the rank-32 pairs
+                                stored as F16 (--dtype f16: half the adapter's memory traffic)
+  knob_switch_ms_live           a request at a new λ on the live model: set adapter scales, drop the
+                                KV cache, evaluate the prompt, one token
+  knob_switch_ms_cached_merge   the same request by loading the merged model for that λ from the cache
+  knob_switch_ms_new_merge      ... by merging it first (dequantize, add, requantize), then loading
+  request_ms_same_lambda        the floor all three share: the same request at an unchanged λ with the
+                                KV cache dropped (so knob_switch_ms_live minus this is the switch itself)
+  ranks.R                       the rank-R form against the full form at λ=1 on the F32 base:
+                                size_ratio (file bytes, both F32), rel_error (Frobenius, over matrices),
+                                kl (mean KL(full ‖ rank R) of next-token distributions), shift_share
+                                and shift_cosine (the λ-shift of the logits against the full form's),
+                                top1 (argmax agreement)
+  dropped_only                  the same for the full-rank matrices without the norms that a LoRA
+                                cannot carry: the measured effect of alignvec.lora.dropped
+  q4_k_m_shift_share_*          the share of the F32 rank-32 logit shift that survives on Q4_K_M, live
+                                (the adapter is applied in float) and merged with requant same
+
+Usage: python benchmarks/live.py [--tokens 128] [--threads N] [--hidden 1024] [--layers 4] [--repeats 7].
+Needs the test extras (pip install -e '.[convert,dev]'). The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import tinymodels as tm  # noqa: E402
+from llama_cpp import Llama  # noqa: E402
+
+from alignvec_gguf import AlignmentVector, cached_merge, merge, write_av  # noqa: E402
+from alignvec_gguf.live import LiveModel  # noqa: E402
+from converters import convert  # noqa: E402
+
+RANKS = (8, 32, 128)
+LIVE_RANK = 32
+PROMPT = "the patient reports a persistent headache and"
+
+
+def sequences(n: int = 4, length: int = 32, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[1, *rng.integers(3, tm.VOCAB, length - 1).tolist()] for _ in range(n)]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def llama_scores(llm: Llama, seqs: list[list[int]]) -> np.ndarray:
+    out = []
+    for seq in seqs:
+        llm.reset()
+        llm.eval(seq)
+        out.append(np.array(llm.scores[: len(seq)], dtype=np.float32))
+    return np.concatenate(out)
+
+
+def model_scores(path: Path, seqs: list[list[int]], threads: dict[str, Any]) -> np.ndarray:
+    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, **threads)
+    try:
+        return llama_scores(llm, seqs)
+    finally:
+        llm.close()
+
+
+def live_scores(base: Path, av: Path, lam: float, seqs: list[list[int]], threads: dict[str, Any]) -> np.ndarray:
+    with LiveModel(base, {"v": av}, n_ctx=128, logits_all=True, **threads) as live:
+        with live.using({"v": lam}) as llm:
+            return llama_scores(llm, seqs)
+
+
+def fidelity(ref: np.ndarray, got: np.ndarray, base: np.ndarray) -> dict[str, float]:
+    """How ``got`` reproduces ``ref`` (the full form), with the base's logits as the zero of the shift."""
+    p_log, q_log = log_softmax(ref.astype(np.float64)), log_softmax(got.astype(np.float64))
+    kl = float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)))
+    ref_shift, shift = ref - base, got - base
+    share = float((shift * ref_shift).sum() / (ref_shift**2).sum())
+    cos = float((shift * ref_shift).sum() / np.linalg.norm(shift) / np.linalg.norm(ref_shift))
+    top1 = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+    return {"kl": round(kl, 5), "shift_share": round(share, 4), "shift_cosine": round(cos, 4), "top1": round(top1, 4)}
+
+
+def tokens_per_s(llm: Llama, prompt: list[int], n: int) -> tuple[float, float]:
+    """Greedy decode speed over exactly ``n`` tokens (EOS does not stop it): per CPU second, per wall second."""
+    llm.reset()
+    gen = llm.generate(prompt, temp=0.0)
+    next(gen)  # the prompt is evaluated before the first token: not decode speed
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i, _tok in enumerate(gen):
+        if i + 1 == n:
+            break
+    speed = n / (time.process_time() - cpu), n / (time.perf_counter() - wall)
+    gen.close()
+    return speed
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Best wall time of ``fn`` over ``repeats`` calls, in milliseconds (on a shared machine the best is the
+    cost of the work itself; slower runs measure the neighbours)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return min(times)
+
+
+def without_dropped(full: Path, out: Path) -> Path:
+    """The full form minus what a LoRA cannot carry (1-D tensors): isolates the dropped tensors' effect."""
+    av = AlignmentVector(full)
+    keep = [n for n in av.names if len(av.shape(n)) >= 2]
+    write_av(out, av.info.architecture, ((n, av.delta(n)) for n in keep), av.info)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per decode-speed run")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="llama.cpp threads, for decoding and for prompts alike (default 1: on a busy machine ggml's "
+        "thread barriers turn a 10-token prompt from milliseconds into seconds)",
+    )
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (a multiple of 256)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=7, help="knob switches timed per method (best of)")
+    parser.add_argument("--keep", action="store_true", help="keep the models and vectors (printed directory)")
+    parser.add_argument("--rounds", type=int, default=5, help="decode-speed rounds, interleaved (best of)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the merges' requantization warnings are expected here
+    threads: dict[str, Any] = {"n_threads": args.threads, "n_threads_batch": args.threads}
+    root = Path(tempfile.mkdtemp(prefix="alignvec-live-"))
+    src = tm.llama_cpp_source(Path(__file__).resolve().parent.parent / ".cache")
+
+    # --- models: base, aligned with a low-rank-plus-noise Δ, GGUFs, AVs -------------------------------
+    start = time.perf_counter()
+    tok = tm.train_tokenizer(root / "tok")
+    config = tm.llama_config(
+        hidden=args.hidden,
+        intermediate_size=(11 * args.hidden // 4) // 256 * 256,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
+    base = tm.make_model(config, 0)
+    aligned = tm.lowrank_perturbed(base, 1, rank=16, scale=0.15, noise=0.35)
+    base_dir = tm.save(base, None, root / "base", tok)
+    aligned_dir = tm.save(base, aligned, root / "aligned", tok)
+    f32 = tm.hf_to_gguf(src, base_dir, root / "base-f32.gguf")
+    q4 = tm.quantize_gguf(f32, root / "base-Q4_K_M.gguf", "MOSTLY_Q4_K_M")
+    full = convert(base_dir, aligned_dir, root / "full.avec.gguf", name="v").path
+    lowrank = {r: convert(base_dir, aligned_dir, root / f"r{r}.avec.gguf", name="v", rank=r) for r in RANKS}
+    params = sum(p.numel() for p in base.parameters())
+    print(f"built a {params / 1e6:.1f} M-parameter Llama (hidden {args.hidden}, {args.layers} layers) and its AVs "
+          f"in {time.perf_counter() - start:.0f}s; Q4_K_M base {q4.stat().st_size / 2**20:.1f} MiB")  # fmt: skip
+
+    # --- fidelity of each rank against the full form, at λ = 1 on the F32 base ------------------------
+    seqs = sequences()
+    base_logits = model_scores(f32, seqs, threads)
+    ref = model_scores(merge(f32, {full: 1.0}, root / "m-full.gguf").path, seqs, threads)
+    ranks: dict[str, dict[str, float]] = {}
+    for r, report in lowrank.items():
+        assert report.lowrank is not None
+        got = live_scores(f32, report.path, 1.0, seqs, threads)
+        ranks[str(r)] = {
+            "size_ratio": round(report.path.stat().st_size / full.stat().st_size, 4),
+            "rel_error": round(report.lowrank.rel_error, 4),
+            **fidelity(ref, got, base_logits),
+        }
+        print(f"rank {r:3}: size x{ranks[str(r)]['size_ratio']:.3f} of the full form, {ranks[str(r)]}")
+    nodrop = without_dropped(full, root / "full-no-norms.avec.gguf")
+    nodrop_logits = model_scores(merge(f32, {nodrop: 1.0}, root / "m-nd.gguf").path, seqs, threads)
+    dropped_only = fidelity(ref, nodrop_logits, base_logits)
+    print(f"full-rank matrices without the dropped norms: {dropped_only}")
+    knob_kl = fidelity(ref, base_logits, ref)["kl"]  # the shift terms are moot here: only the KL is kept
+    print(f"(for scale, the base itself against the full form at λ=1: kl {knob_kl})")
+
+    # --- the knob on Q4_K_M: live (adapter in float) against merged (requantized) -----------------------
+    av = lowrank[LIVE_RANK].path
+    f32_live = live_scores(f32, av, 1.0, seqs, threads)
+    q4_base = model_scores(q4, seqs, threads)
+    q4_live = live_scores(q4, av, 1.0, seqs, threads)
+    q4_merged_path = merge(q4, {av: 1.0}, root / "m-q4.gguf").path
+    q4_merged = model_scores(q4_merged_path, seqs, threads)
+    ref_shift = f32_live - base_logits
+    share_live = float(((q4_live - q4_base) * ref_shift).sum() / (ref_shift**2).sum())
+    share_merged = float(((q4_merged - q4_base) * ref_shift).sum() / (ref_shift**2).sum())
+    print(f"Q4_K_M, rank {LIVE_RANK}: share of the F32 λ-shift kept live {share_live:.3f}, merged {share_merged:.3f}")
+
+    # --- decode speed: live adapter against the merged model ------------------------------------------
+    prompt = [1, 5, 17, 42, 99, 200, 7, 3]
+    f16 = convert(base_dir, aligned_dir, root / f"r{LIVE_RANK}-f16.avec.gguf", name="v", rank=LIVE_RANK, dtype="f16")
+    lives: dict[int | str, LiveModel] = {r: LiveModel(q4, {"v": lowrank[r].path}, n_ctx=512, **threads) for r in RANKS}
+    lives["f16"] = LiveModel(q4, {"v": f16.path}, n_ctx=512, **threads)
+    merged_llm = Llama(model_path=str(q4_merged_path), n_ctx=512, verbose=False, **threads)
+    speeds: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.rounds):  # interleaved, so that a busy moment does not hit one side only
+        speeds.setdefault("merged", []).append(tokens_per_s(merged_llm, prompt, args.tokens))
+        for key, live in lives.items():
+            with live.using({"v": 1.0}) as llm:
+                speeds.setdefault(f"r{key}", []).append(tokens_per_s(llm, prompt, args.tokens))
+        with lives[LIVE_RANK].using({}) as llm:
+            speeds.setdefault("base", []).append(tokens_per_s(llm, prompt, args.tokens))
+    merged_llm.close()
+    for live in lives.values():
+        live.close()
+    best = {k: max(cpu for cpu, _ in v) for k, v in speeds.items()}
+    best_wall = {k: max(wall for _, wall in v) for k, v in speeds.items()}
+    live_tps, merged_tps, base_tps = best[f"r{LIVE_RANK}"], best["merged"], best["base"]
+    ratio_wall = best_wall[f"r{LIVE_RANK}"] / best_wall["merged"]
+    ratio = live_tps / merged_tps
+    by_rank = ", ".join(f"rank {r} {best[f'r{r}']:.1f}" for r in RANKS)
+    print(
+        f"decode tokens per CPU second on Q4_K_M: live {live_tps:.1f}, merged {merged_tps:.1f} (x{ratio:.3f}), "
+        f"base {base_tps:.1f}; wall clock x{ratio_wall:.3f}"
+    )
+    ratio_f16 = best["rf16"] / merged_tps
+    print(f"live decode tokens/s by rank: {by_rank}; rank {LIVE_RANK} stored as F16: x{ratio_f16:.3f} of merged")
+
+    # --- turning the knob: a request at a new λ --------------------------------------------------------
+    lambdas = [0.25 * (i + 1) * (-1) ** i for i in range(args.repeats)]  # a new λ every time
+    cache = root / "cache"
+
+    def request(llm: Llama) -> None:
+        llm.create_completion(PROMPT, max_tokens=1, temperature=0.0)
+
+    with LiveModel(q4, {"v": av}, n_ctx=512, **threads) as live:
+        live.generate(PROMPT, alignment={"v": 2.0}, max_tokens=1)  # warm
+        it = iter(lambdas)
+        switch_live = timed(lambda: live.generate(PROMPT, alignment={"v": next(it)}, max_tokens=1), args.repeats)
+
+        def same_lambda() -> None:
+            with live.using({"v": lambdas[-1]}) as llm:
+                llm.reset()  # the KV cache dropped, λ unchanged
+                request(llm)
+
+        floor = timed(same_lambda, args.repeats)
+    for lam in lambdas:  # the cache holds every mix already
+        cached_merge(q4, {av: lam}, cache_dir=cache)
+
+    def load_and_request(path: Path) -> None:
+        llm = Llama(model_path=str(path), n_ctx=512, verbose=False, **threads)
+        request(llm)
+        llm.close()
+
+    it = iter(lambdas)
+    switch_cached = timed(lambda: load_and_request(cached_merge(q4, {av: next(it)}, cache_dir=cache)), args.repeats)
+    it = iter(lambdas)
+    fresh = root / "fresh"
+    switch_new = timed(
+        lambda: load_and_request(merge(q4, {av: next(it)}, fresh.with_suffix(".gguf")).path), args.repeats
+    )
+    print(f"knob switch (new λ, 1 token): live {switch_live:.1f} ms, cached merge {switch_cached:.1f} ms, "
+          f"new merge {switch_new:.1f} ms; the same request at an unchanged λ: {floor:.1f} ms")  # fmt: skip
+
+    result = {
+        "model": {"params_m": round(params / 1e6, 1), "hidden": args.hidden, "layers": args.layers, "base": "Q4_K_M"},
+        "live_rank": LIVE_RANK,
+        "live_tokens_per_s_vs_merged": round(ratio, 4),
+        "live_tokens_per_s_vs_merged_wall": round(ratio_wall, 4),
+        "live_tokens_per_s_vs_merged_f16": round(ratio_f16, 4),
+        "live_tokens_per_s": round(live_tps, 1),
+        "merged_tokens_per_s": round(merged_tps, 1),
+        "base_tokens_per_s": round(base_tps, 1),
+        "knob_switch_ms_live": round(switch_live, 2),
+        "knob_switch_ms_cached_merge": round(switch_cached, 2),
+        "knob_switch_ms_new_merge": round(switch_new, 2),
+        "request_ms_same_lambda": round(floor, 2),
+        "live_tokens_per_s_by_rank": {str(r): round(best[f"r{r}"], 1) for r in RANKS},
+        "ranks": ranks,
+        "dropped_only": dropped_only,
+        "base_vs_full_kl": knob_kl,
+        "q4_k_m_shift_share_live": round(share_live, 4),
+        "q4_k_m_shift_share_merged_same": round(share_merged, 4),
+    }
+    if args.keep:
+        print(f"kept {root}", file=sys.stderr)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

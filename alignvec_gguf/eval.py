@@ -1,0 +1,293 @@
+"""Preference accuracy (arXiv 2410.19206) through llama.cpp on merged GGUF models, over a λ grid.
+
+For every held-out question the model scores the response of each level (avoidance, generic, expert)
+by its length-normalised log-likelihood: the mean log p(token | prompt, earlier tokens) over the
+response's tokens and the end-of-sequence token. The *share* of a level is the fraction of questions
+whose highest-scoring response is that level's; the preference accuracy for a target level is its
+share. Each domain's vector is merged alone at each λ (other domains at 0) and scored on that domain's
+questions.
+
+The eval set is JSON: a list of ``{"domain": ..., "prompt": ..., "responses": {level: text}}``; the
+response follows the prompt after one space, as the bundled models were trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .avfile import AlignmentVector
+from .errors import FormatError, InputError
+from .merge import VectorRef, merge
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("avoidance", "generic", "expert")
+DEFAULT_LAMBDAS = (-1.5, -1.0, -0.5, 0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5)
+N_CTX = 0  # the model's own training context: a larger one only draws a warning from llama.cpp
+
+Shares = dict[str, float]  # level -> share of questions
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One held-out question: its domain, the prompt and one response per level."""
+
+    domain: str
+    prompt: str
+    responses: dict[str, str]
+
+
+def load_eval_set(path: str | os.PathLike[str]) -> list[EvalItem]:
+    """Read and check an eval set (see the module docstring for the format)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"eval set {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"eval set {path} is not readable JSON ({e}); give a JSON list of questions") from None
+    if not isinstance(raw, list) or not raw:
+        raise FormatError(f"eval set {path} must be a non-empty JSON list of {{domain, prompt, responses}} objects")
+    items = []
+    for i, rec in enumerate(raw):
+        ok = isinstance(rec, dict) and isinstance(rec.get("domain"), str) and isinstance(rec.get("prompt"), str)
+        responses = rec.get("responses") if isinstance(rec, dict) else None
+        if not ok or not isinstance(responses, dict) or set(responses) != set(LEVELS):
+            raise FormatError(
+                f"eval set {path}, item {i}: expected {{'domain': str, 'prompt': str, 'responses': "
+                f"{{{', '.join(LEVELS)}: str}}}}"
+            )
+        if not all(isinstance(responses[lv], str) and responses[lv] for lv in LEVELS):
+            raise FormatError(f"eval set {path}, item {i}: every response must be a non-empty string")
+        items.append(EvalItem(rec["domain"], rec["prompt"], {lv: responses[lv] for lv in LEVELS}))
+    return items
+
+
+def domain_of(vector: str | os.PathLike[str]) -> str:
+    """The domain an AV file declares (``alignvec.domain``), or its name if it declares none."""
+    av = AlignmentVector(vector)
+    return av.info.domain or av.info.name
+
+
+class Scorer:
+    """Length-normalised log-likelihoods of responses under one GGUF model, with llama.cpp."""
+
+    def __init__(self, model_path: str | os.PathLike[str], *, n_threads: int | None = None) -> None:
+        from llama_cpp import Llama
+
+        # One thread by default, for prompts too (llama-cpp-python's batch default is every core): for a
+        # model this small, threads only add barriers, and on a busy CPU a barrier waits for a time slice.
+        threads = n_threads or 1
+        try:
+            self.llm: Llama = Llama(
+                model_path=str(model_path),
+                n_ctx=N_CTX,
+                logits_all=True,
+                verbose=False,
+                n_threads=threads,
+                n_threads_batch=threads,
+            )
+        except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+            raise FormatError(f"llama.cpp cannot load {model_path} ({e})") from None
+        self._eos = self.llm.token_eos()
+
+    def close(self) -> None:
+        """Free the model."""
+        self.llm.close()
+
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True))
+
+    def level_scores(self, item: EvalItem) -> dict[str, float]:
+        """level -> mean log-probability per response token (EOS included) given the prompt."""
+        prompt = self._tokens(item.prompt)
+        out: dict[str, float] = {}
+        for level in LEVELS:
+            full = self._tokens(f"{item.prompt} {item.responses[level]}")
+            shared = 0
+            while shared < min(len(prompt), len(full)) and prompt[shared] == full[shared]:
+                shared += 1
+            shared = max(shared, 1)  # BOS at least: the first response token needs a prefix
+            target = full[shared:] + [self._eos]
+            if len(full) + 1 > self.llm.n_ctx():
+                raise InputError(
+                    f"prompt + response is {len(full) + 1} tokens, over the model's context of {self.llm.n_ctx()}; "
+                    "shorten the eval set's texts"
+                )
+            self._set_prefix(full[:shared])
+            if len(target) > 1:
+                self.llm.eval(target[:-1])
+            logits = np.asarray(self.llm.scores[shared - 1 : shared - 1 + len(target)], dtype=np.float64)
+            top = logits.max(axis=1, keepdims=True)
+            lse = (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
+            logp = logits[np.arange(len(target)), target] - lse
+            out[level] = float(logp.mean())
+        return out
+
+    def _set_prefix(self, tokens: list[int]) -> None:
+        # Keep the KV cache of a shared prompt: rewind to it when it is already there, else evaluate it.
+        n = len(tokens)
+        if self.llm.n_tokens >= n and list(self.llm.input_ids[:n]) == tokens:
+            self.llm.n_tokens = n
+            return
+        self.llm.reset()
+        self.llm.eval(tokens)
+
+
+def preferred(scores: Mapping[str, float]) -> str:
+    """The level with the highest score (the first in spectrum order on a tie)."""
+    return max(LEVELS, key=lambda lv: scores[lv])
+
+
+def shares(scorer: Scorer, items: Sequence[EvalItem]) -> Shares:
+    """level -> share of ``items`` whose preferred response is that level's."""
+    counts = dict.fromkeys(LEVELS, 0)
+    for item in items:
+        counts[preferred(scorer.level_scores(item))] += 1
+    return {lv: counts[lv] / len(items) for lv in LEVELS}
+
+
+def by_domain(items: Sequence[EvalItem]) -> dict[str, list[EvalItem]]:
+    """Items grouped by domain, in order of first appearance."""
+    groups: dict[str, list[EvalItem]] = {}
+    for item in items:
+        groups.setdefault(item.domain, []).append(item)
+    return groups
+
+
+def check_lambdas(lambdas: Sequence[float]) -> list[float]:
+    """Finite λ values, sorted, without repeats."""
+    if not lambdas:
+        raise InputError("give at least one λ, e.g. --lambdas 0 0.5 1")
+    for lam in lambdas:
+        if not math.isfinite(lam):
+            raise InputError(f"λ must be a finite number, got {lam!r}")
+    return sorted({float(lam) + 0.0 for lam in lambdas})
+
+
+def check_vectors(vectors: Mapping[str, str | os.PathLike[str]], items: Sequence[EvalItem]) -> None:
+    """Every vector's domain must have questions in the eval set."""
+    if not vectors:
+        raise InputError("give at least one alignment vector (-v AV.avec.gguf)")
+    domains = by_domain(items)
+    for domain, path in vectors.items():
+        if domain not in domains:
+            raise InputError(
+                f"{Path(path).name} is for domain {domain!r}, which the eval set does not have "
+                f"(it has {', '.join(domains)}); give an eval set with {domain} questions"
+            )
+
+
+@contextmanager
+def merged_model(base: Path, vectors: Mapping[VectorRef, float], work_dir: Path, requant: str) -> Iterator[Path]:
+    """The merged model for one mix, in ``work_dir``, deleted afterwards (the base itself when all λ = 0)."""
+    if all(lam == 0 for lam in vectors.values()):
+        yield base
+        return
+    fd, name = tempfile.mkstemp(suffix=".gguf", dir=work_dir)
+    os.close(fd)
+    path = Path(name)
+    try:
+        merge(base, dict(vectors), path, requant=requant)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def score_mix(
+    base: Path,
+    vectors: Mapping[VectorRef, float],
+    groups: Mapping[str, Sequence[EvalItem]],
+    work_dir: Path,
+    *,
+    requant: str = "same",
+    n_threads: int | None = None,
+) -> dict[str, Shares]:
+    """Merge one mix of vectors and return each domain's level shares under it."""
+    with merged_model(base, vectors, work_dir, requant) as path, closing(Scorer(path, n_threads=n_threads)) as scorer:
+        return {domain: shares(scorer, group) for domain, group in groups.items()}
+
+
+@dataclass
+class EvalResult:
+    """Level shares per domain and λ for one base model."""
+
+    base: str
+    requant: str
+    vectors: dict[str, str]  # domain -> AV path
+    n_items: dict[str, int]  # domain -> number of questions
+    lambdas: list[float]
+    curves: dict[str, dict[float, Shares]] = field(default_factory=dict)  # domain -> λ -> shares
+
+    def expert_share(self, domain: str, lam: float) -> float:
+        """The expert share of ``domain`` at ``lam``."""
+        return self.curves[domain][lam]["expert"]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (λ keys as strings are avoided: curves are lists)."""
+        return {
+            "base": self.base,
+            "requant": self.requant,
+            "levels": list(LEVELS),
+            "lambdas": self.lambdas,
+            "domains": {
+                d: {
+                    "vector": self.vectors[d],
+                    "n_items": self.n_items[d],
+                    "shares": [{"lambda": lam, **self.curves[d][lam]} for lam in self.lambdas],
+                }
+                for d in self.curves
+            },
+        }
+
+
+def evaluate(
+    base: str | os.PathLike[str],
+    vectors: Mapping[str, str | os.PathLike[str]],
+    items: Sequence[EvalItem],
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    *,
+    requant: str = "same",
+    n_threads: int | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> EvalResult:
+    """Level shares per domain over ``lambdas``: each domain's vector (domain -> AV path) merged alone.
+
+    Merged models go to a temporary directory next to nothing else and are deleted after scoring.
+    """
+    base = Path(base)
+    if not base.is_file():
+        raise InputError(f"base model {base} does not exist")
+    grid = check_lambdas(lambdas)
+    check_vectors(vectors, items)
+    groups = by_domain(items)
+    result = EvalResult(
+        base=str(base),
+        requant=requant,
+        vectors={d: str(p) for d, p in vectors.items()},
+        n_items={d: len(groups[d]) for d in vectors},
+        lambdas=grid,
+    )
+    jobs = [(d, lam) for d in vectors for lam in grid]
+    with tempfile.TemporaryDirectory(prefix="alignvec-eval-") as tmp:
+        for domain, lam in tqdm(jobs, desc=desc, unit="model", disable=not progress, leave=False):
+            mix: dict[VectorRef, float] = {vectors[domain]: lam}
+            got = score_mix(base, mix, {domain: groups[domain]}, Path(tmp), requant=requant, n_threads=n_threads)
+            result.curves.setdefault(domain, {})[lam] = got[domain]
+    return result

@@ -1,8 +1,15 @@
 """An on-disk cache of merged models, keyed by what determines their content.
 
-The key covers the base file's identity (resolved path, size, modification time), each vector's
-content hash, its λ, the requant policy and the package version. Entries are written atomically,
-so concurrent processes may both merge but never see a partial file.
+- Key: sha256 over the base's content (every shard), each vector's content hash and λ, the requant
+  policy, the importance matrix and full-precision base if given, and the package version. Content
+  hashes of large files are computed once and remembered by (real path, size, mtime, inode) in
+  ``digests.json``, so a second load of the same mix costs a few ``stat`` calls, not a hash of the base.
+- Entries are written atomically (temporary file + rename). A lock per entry makes concurrent
+  processes that want the same mix merge it once: the others wait, then find the finished file.
+- Size bound (``ALIGNVEC_CACHE_MAX``, default 20G): after a new entry is written, the least recently
+  used entries are removed until the cache fits. An entry being written or loaded (its lock is held)
+  and the entry just made are never removed.
+- Location: ``ALIGNVEC_CACHE_DIR``, else ``$XDG_CACHE_HOME/alignvec`` or ``~/.cache/alignvec``.
 """
 
 from __future__ import annotations
@@ -11,54 +18,292 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .atomic import atomic_output, file_lock
 from .avfile import AlignmentVector
 from .errors import InputError
-from .merge import Vectors, merge, open_vectors
+from .merge import DEFAULT_POLICY, Vectors, merge, open_vectors, parse_requant
+from .split import shard_paths
 
 log = logging.getLogger(__name__)
 
+ENV_DIR = "ALIGNVEC_CACHE_DIR"
+ENV_MAX = "ALIGNVEC_CACHE_MAX"
+DEFAULT_MAX_BYTES = 20 << 30
+_DIGESTS = "digests.json"
+_DIR_LOCK = ".lock"
+_SIDE = ".json"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
 
 def default_cache_dir() -> Path:
-    if env := os.environ.get("ALIGNVEC_CACHE_DIR"):
+    """``$ALIGNVEC_CACHE_DIR``, else ``$XDG_CACHE_HOME/alignvec`` or ``~/.cache/alignvec``."""
+    if env := os.environ.get(ENV_DIR):
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "alignvec"
 
 
-def cache_key(base: Path, vectors: list[tuple[AlignmentVector, float]], requant: str) -> str:
-    from . import __version__
+def parse_size(text: str) -> int:
+    """``"20G"``, ``"512M"``, ``"1.5T"``, ``"1000000"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)i?B?\s*", text.upper())
+    if not m:
+        raise InputError(f"bad cache size {text!r}: use a number of bytes or e.g. 512M, 20G")
+    return int(float(m[1]) * _UNITS[m[2]])
 
-    st = base.stat()
-    payload = {
-        "base": [str(base.resolve()), st.st_size, st.st_mtime_ns],
-        "vectors": sorted((av.sha256, repr(float(lam))) for av, lam in vectors),
-        "requant": requant.lower(),
-        "version": __version__,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+def default_max_bytes() -> int:
+    env = os.environ.get(ENV_MAX)
+    return parse_size(env) if env else DEFAULT_MAX_BYTES
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class CacheEntry:
+    """One merged model in the cache."""
+
+    path: Path
+    size: int
+    last_used: float  # seconds since the epoch (the file's mtime, refreshed on every use)
+    meta: dict[str, Any] = field(default_factory=dict)  # base, vectors, lambdas, requant, created
+
+
+class MergeCache:
+    """The merged-model cache in one directory."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None, max_bytes: int | None = None):
+        self.dir = Path(directory) if directory is not None else default_cache_dir()
+        self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
+        if self.max_bytes < 0:
+            raise InputError(f"cache size bound must be >= 0, got {self.max_bytes}")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create the cache directory {self.dir} ({e.strerror}); set {ENV_DIR}") from e
+
+    # --- content identity -----------------------------------------------------------------------
+
+    @contextmanager
+    def _dir_lock(self) -> Iterator[None]:
+        with file_lock(self.dir / _DIR_LOCK):
+            yield
+
+    def _read_digests(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.dir / _DIGESTS).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def file_digest(self, path: str | os.PathLike[str]) -> str:
+        """sha256 of a file's content, hashed once and then remembered by path, size, mtime and inode."""
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        known = self._read_digests().get(real)
+        if isinstance(known, dict) and known.get("stat") == stamp and isinstance(known.get("sha256"), str):
+            return str(known["sha256"])
+        log.info("hashing %s (once; remembered in %s)", path, self.dir / _DIGESTS)
+        digest = _sha256_file(Path(real))
+        with self._dir_lock():
+            digests = self._read_digests()
+            digests = {k: v for k, v in digests.items() if os.path.exists(k)}  # forget deleted files
+            digests[real] = {"stat": stamp, "sha256": digest}
+            with atomic_output(self.dir / _DIGESTS) as tmp:
+                tmp.write_text(json.dumps(digests, indent=0, sort_keys=True))
+        return digest
+
+    def key(
+        self,
+        base: Path,
+        vectors: list[tuple[AlignmentVector, float]],
+        requant: str,
+        imatrix: str | os.PathLike[str] | None = None,
+        full_base: str | os.PathLike[str] | None = None,
+    ) -> str:
+        """The content key of a mix (hex sha256)."""
+        from . import __version__
+
+        for what, extra in (("importance matrix", imatrix), ("full-precision base", full_base)):
+            if extra is not None and not Path(extra).is_file():
+                raise InputError(f"{what} {extra} does not exist")
+        for av, _ in vectors:  # remember the digest; the merge records it in the merged file too
+            av.__dict__.setdefault("sha256", self.file_digest(av.path))  # fills the cached_property
+        payload = {
+            "base": [self.file_digest(p) for p in shard_paths(base)],
+            "vectors": sorted((av.sha256, repr(float(lam))) for av, lam in vectors if lam != 0.0),
+            "requant": parse_requant(requant).name,
+            "imatrix": self.file_digest(imatrix) if imatrix is not None else None,
+            "full_base": [self.file_digest(p) for p in shard_paths(full_base)] if full_base is not None else None,
+            "version": __version__,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    # --- entries --------------------------------------------------------------------------------
+
+    def entry_path(self, base: Path, key: str) -> Path:
+        stem = re.sub(r"-\d{5}-of-\d{5}$", "", base.name.removesuffix(".gguf"))
+        return self.dir / f"{stem}.{key[:20]}.gguf"
+
+    @staticmethod
+    def _lock_path(entry: Path) -> Path:
+        return entry.with_name(f".{entry.name}.lock")
+
+    @contextmanager
+    def using(self, entry: Path) -> Iterator[None]:
+        """Hold a shared lock on an entry while it is being loaded, so that eviction leaves it alone."""
+        with file_lock(self._lock_path(entry), shared=True):
+            yield
+
+    def get(
+        self,
+        base: str | os.PathLike[str],
+        vectors: Vectors,
+        *,
+        requant: str = DEFAULT_POLICY,
+        imatrix: str | os.PathLike[str] | None = None,
+        full_base: str | os.PathLike[str] | None = None,
+        progress: bool = False,
+    ) -> Path:
+        """The path of the merged model for this mix, merging it first (once, across processes) if needed."""
+        base = Path(base)
+        opened = open_vectors(vectors)
+        if not base.is_file():
+            raise InputError(f"base model {base} does not exist")
+        key = self.key(base, opened, requant, imatrix, full_base)
+        path = self.entry_path(base, key)
+        if path.exists():
+            log.info("using cached merge %s", path)
+            self._touch(path)
+            return path
+        with file_lock(self._lock_path(path)):
+            if path.exists():  # another process merged it while we waited
+                log.info("using cached merge %s (made by another process)", path)
+                self._touch(path)
+                return path
+            report = merge(
+                base, dict(opened), path, requant=requant, progress=progress, imatrix=imatrix, full_base=full_base
+            )
+            meta = {
+                "key": key,
+                "base": str(base.resolve()),
+                "vectors": [str(av.path.resolve()) for av, _ in opened],
+                "lambdas": [lam for _, lam in opened],
+                "requant": requant.lower(),
+                "created": time.time(),
+                "merge_seconds": round(report.seconds, 3),
+            }
+            with atomic_output(path.with_suffix(_SIDE)) as tmp:
+                tmp.write_text(json.dumps(meta, indent=1))
+        self.evict(keep=path)
+        return path
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        try:
+            os.utime(path)  # recency, for eviction
+        except OSError:  # a read-only cache still serves its entries
+            pass
+
+    def entries(self) -> list[CacheEntry]:
+        """Every complete entry, least recently used first."""
+        out = []
+        for p in self.dir.glob("*.gguf"):
+            try:
+                st = p.stat()
+            except OSError:  # removed meanwhile
+                continue
+            try:
+                meta = json.loads(p.with_suffix(_SIDE).read_text())
+            except (OSError, ValueError):
+                meta = {}
+            out.append(CacheEntry(p, st.st_size, st.st_mtime, meta if isinstance(meta, dict) else {}))
+        return sorted(out, key=lambda e: e.last_used)
+
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.entries())
+
+    def _remove(self, entry: CacheEntry) -> bool:
+        """Remove an entry unless another process holds its lock (writing or loading it)."""
+        with file_lock(self._lock_path(entry.path), blocking=False) as taken:
+            if not taken:
+                return False
+            entry.path.unlink(missing_ok=True)
+            entry.path.with_suffix(_SIDE).unlink(missing_ok=True)
+        return True
+
+    def evict(self, keep: Path | None = None) -> list[CacheEntry]:
+        """Remove least recently used entries until the cache fits its bound; returns what was removed."""
+        removed: list[CacheEntry] = []
+        with self._dir_lock():
+            entries = self.entries()
+            total = sum(e.size for e in entries)
+            for e in entries:
+                if total <= self.max_bytes:
+                    break
+                if keep is not None and e.path == keep:
+                    continue
+                if self._remove(e):
+                    total -= e.size
+                    removed.append(e)
+                    log.info("evicted %s from the cache (%.1f MB)", e.path.name, e.size / 1e6)
+            if total > self.max_bytes:
+                log.warning(
+                    "the merge cache %s holds %.1f MB, over its bound of %.1f MB (entries in use or just made); "
+                    "raise %s or run 'alignvec cache clear'",
+                    self.dir,
+                    total / 1e6,
+                    self.max_bytes / 1e6,
+                    ENV_MAX,
+                )
+        return removed
+
+    def clear(self) -> tuple[int, int]:
+        """Remove every entry not in use, and what killed merges left behind; returns (entries, bytes freed)."""
+        n = freed = 0
+        with self._dir_lock():
+            for e in self.entries():
+                if self._remove(e):
+                    n += 1
+                    freed += e.size
+            # temporaries (".NAME.XXXX.tmp") and locks of entries that are gone, unless a merge holds them
+            for tmp in [*self.dir.glob(".*.tmp"), *self.dir.glob(".*.gguf.lock")]:
+                inner = tmp.name[1:].removesuffix(".lock")
+                if inner.endswith(".tmp"):  # NAME.XXXXXXXX.tmp, as atomic_output names them
+                    inner = inner.removesuffix(".tmp").rsplit(".", 1)[0]
+                entry = self.dir / Path(inner).with_suffix(".gguf").name
+                with file_lock(self._lock_path(entry), blocking=False) as taken:
+                    if taken and not entry.exists():
+                        freed += tmp.stat().st_size if tmp.exists() else 0
+                        tmp.unlink(missing_ok=True)
+        return n, freed
 
 
 def cached_merge(
     base: str | os.PathLike[str],
     vectors: Vectors,
     *,
-    requant: str = "same",
+    requant: str = DEFAULT_POLICY,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    imatrix: str | os.PathLike[str] | None = None,
+    full_base: str | os.PathLike[str] | None = None,
+    max_bytes: int | None = None,
 ) -> Path:
     """The path of the merged model for this mix, merging it first if it is not cached yet."""
-    base = Path(base)
-    opened = open_vectors(vectors)
-    if not base.is_file():
-        raise InputError(f"base model {base} does not exist")
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{base.name.removesuffix('.gguf')}.{cache_key(base, opened, requant)[:20]}.gguf"
-    if path.exists():
-        log.info("using cached merge %s", path)
-        os.utime(path)  # recency, for eviction
-        return path
-    merge(base, dict(opened), path, requant=requant, progress=progress)
-    return path
+    cache = MergeCache(cache_dir, max_bytes)
+    return cache.get(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, progress=progress)

@@ -44,6 +44,12 @@ class _TypeTraits(ctypes.Structure):
     ]
 
 
+class GGUFInitParams(ctypes.Structure):
+    """``struct gguf_init_params`` (ggml/include/gguf.h)."""
+
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
 def _library_path() -> Path:
     override = os.environ.get("ALIGNVEC_GGML_LIB")
     if override:
@@ -80,7 +86,27 @@ def _lib() -> ctypes.CDLL:
         ctypes.c_void_p,
     ]
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    # for loading a model from memory (direct.py): GGUF metadata contexts and backend tensors
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, GGUFInitParams]
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    lib.gguf_free.restype = None
+    lib.gguf_find_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_find_tensor.restype = ctypes.c_int64
+    lib.gguf_set_tensor_type.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    lib.gguf_set_tensor_type.restype = None
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_set.restype = None
     return lib
+
+
+def lib() -> ctypes.CDLL:
+    """The bound ``libggml-base`` (for the few callers that need ggml's GGUF and backend API)."""
+    return _lib()
 
 
 @dataclass(frozen=True)
@@ -115,9 +141,18 @@ def requires_imatrix(qtype: QT) -> bool:
     return bool(_lib().ggml_quantize_requires_imatrix(int(qtype)))
 
 
-def can_quantize(qtype: QT, n_per_row: int) -> bool:
-    """Whether ggml can quantize rows of this length to ``qtype`` without an importance matrix."""
-    return qtype in QUANTIZABLE and n_per_row % type_info(qtype).block_size == 0 and not requires_imatrix(qtype)
+def can_quantize(qtype: QT, n_per_row: int, has_imatrix: bool = False) -> bool:
+    """Whether ggml can quantize rows of this length to ``qtype`` (with or without an importance matrix)."""
+    return (
+        qtype in QUANTIZABLE
+        and n_per_row % type_info(qtype).block_size == 0
+        and (has_imatrix or not requires_imatrix(qtype))
+    )
+
+
+def default_threads() -> int:
+    """The cores this process may use."""
+    return _threads()
 
 
 def _threads() -> int:
@@ -140,11 +175,19 @@ def dequantize(data: np.ndarray, qtype: QT, n_elements: int) -> np.ndarray:
     return out
 
 
-def quantize(rows: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(
+    rows: np.ndarray,
+    qtype: QT,
+    imatrix: np.ndarray | None = None,
+    *,
+    threads: int | None = None,
+) -> np.ndarray:
     """Quantize a 2-D float32 array (rows x n_per_row) with ggml; returns the raw bytes as uint8.
 
-    Row blocks run in parallel threads (ctypes releases the GIL); the result is byte-identical to a
-    single call because ggml quantizes every row independently.
+    ``imatrix`` is the importance of each input column: ``(n_per_row,)`` for a matrix, or
+    ``(n_matrices, n_per_row)`` for stacked matrices (MoE experts), whose rows are then split evenly
+    between the matrices. Row blocks run in parallel threads (ctypes releases the GIL); the result is
+    byte-identical to a single call because ggml quantizes every row independently.
     """
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if rows.ndim != 2:
@@ -157,27 +200,39 @@ def quantize(rows: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None) -> 
         raise CompatibilityError(f"{info.name} needs rows that are a multiple of {info.block_size}, got {n_per_row}")
     if requires_imatrix(qtype) and imatrix is None:
         raise CompatibilityError(f"{info.name} needs an importance matrix")
+    n_mat = 1
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
-        if imatrix.shape != (n_per_row,):
-            raise ValueError(f"imatrix must have {n_per_row} entries, got {imatrix.shape}")
+        if imatrix.ndim == 1:
+            imatrix = imatrix.reshape(1, -1)
+        n_mat = imatrix.shape[0]
+        if imatrix.ndim != 2 or imatrix.shape[1] != n_per_row or nrows % n_mat:
+            raise ValueError(f"imatrix must be (n_matrices, {n_per_row}) dividing {nrows} rows, got {imatrix.shape}")
+        if not np.all(np.isfinite(imatrix)):
+            raise CompatibilityError("the importance matrix has NaN or infinite values")
     lib = _lib()
     lib.ggml_quantize_init(int(qtype))  # not thread-safe to race on first use: initialize once up front
     rsize = row_size(qtype, n_per_row)
     out = np.empty(nrows * rsize, dtype=np.uint8)
-    imat_ptr = imatrix.ctypes.data if imatrix is not None else None
+    per_mat = nrows // n_mat
 
     def run(r0: int, r1: int) -> None:
+        imat_ptr = None if imatrix is None else imatrix[r0 // per_mat].ctypes.data
         n = lib.ggml_quantize_chunk(
             int(qtype), rows.ctypes.data, out.ctypes.data, r0 * n_per_row, r1 - r0, n_per_row, imat_ptr
         )
         assert n == (r1 - r0) * rsize
 
-    n_threads = min(_threads(), max(1, nrows // 16))
-    bounds = np.linspace(0, nrows, n_threads + 1, dtype=np.int64)
-    if n_threads == 1:
-        run(0, nrows)
+    n_threads = min(threads or _threads(), max(1, nrows // 16))
+    # chunks never cross a matrix boundary, so each gets one matrix's importance vector
+    chunks: list[tuple[int, int]] = []
+    for m in range(n_mat):
+        bounds = np.linspace(m * per_mat, (m + 1) * per_mat, max(1, n_threads // n_mat) + 1, dtype=np.int64)
+        chunks += [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    if n_threads == 1 or len(chunks) == 1:
+        for r0, r1 in chunks:
+            run(r0, r1)
     else:
         with ThreadPoolExecutor(n_threads) as pool:
-            list(pool.map(run, bounds[:-1].tolist(), bounds[1:].tolist()))
+            list(pool.map(lambda c: run(*c), chunks))
     return out

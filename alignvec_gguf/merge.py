@@ -1,49 +1,93 @@
 """Merging λ-scaled alignment vectors into a (quantized) GGUF base: θ = θ_base + Σ λ_i Δ_i.
 
 Tensors that no vector touches (or only vectors at λ = 0) are copied byte for byte. Touched tensors
-are dequantized with ggml, get Σ λ_i Δ_i added in float32 and are requantized by ggml to the type
-the policy picks (``same``: the base tensor's own type). The output is streamed tensor by tensor
-into a temporary file and renamed into place; the base file is only ever read.
+get Σ λ_i Δ_i added in float32 and are requantized as the policy says (see :data:`POLICIES`): by
+ggml's own quantizer to a chosen type, or on the base's own grid (same scales, new integer codes;
+``requant.py``). The output is streamed tensor by tensor into a temporary file and renamed into place;
+the base file is only ever read.
+
+Speed and memory: touched tensors are computed in a small pipeline of ``MAX_IN_FLIGHT`` workers (one
+tensor is prepared while another is quantized, each on every core: ctypes and numpy release the GIL),
+results are written in order, and the float32 tensors in flight never exceed 1.5 × the largest one.
+Pages of the memory-mapped inputs are dropped from the resident set as the merge moves on
+(``pages.py``), so peak RSS stays near the base plus a few tensors, whatever the model size.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import time
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
-from . import ggml
+from . import ggml, pages
 from .atomic import atomic_output
 from .avfile import AlignmentVector
 from .errors import CompatibilityError, InputError
-from .gguffile import GENERATED_TENSORS, Fingerprint, gguf_signature, open_gguf, tensor_bytes, tensor_shape
+from .gguffile import (
+    GENERATED_TENSORS,
+    Fingerprint,
+    check_fingerprint,
+    gguf_signature,
+    tensor_shape,
+)
 from .gguffile import field as gguf_field
+from .imatrix import Imatrix, load_imatrix
+from .requant import GRID_TYPES, nearest_keeps, requantize_on_grid, seed_for
+from .split import SPLIT_KEYS, GGUFModel, ModelTensor
 
 log = logging.getLogger(__name__)
 
 VectorRef = Union[str, os.PathLike[str], AlignmentVector]
 Vectors = Mapping[VectorRef, float]
 
-# Types that need an importance matrix fall back to the nearest type that does not (same 256 blocks).
-IMATRIX_FALLBACK: dict[QT, QT] = {QT.IQ2_XXS: QT.Q2_K, QT.IQ2_XS: QT.Q2_K, QT.IQ1_S: QT.Q2_K}
+# The policies besides plain ggml type names, with what they do (shown by --help and in errors).
+POLICIES: dict[str, str] = {
+    "calibrated": "same size: the base's scales, rounding threshold set per tensor so the knob is kept whole",
+    "same": "every tensor keeps the base's type; ggml requantizes (round to nearest): small deltas are erased",
+    "grid": "like same on the base's own scales: same fidelity, several times faster on K-quants",
+    "dither": "same size: the base's scales, unbiased random rounding (measured: calibrated is better)",
+    "hifi": "touched tensors coarser than 8 bits become Q8_0 unless their own grid keeps the change (larger file)",
+}
+DEFAULT_POLICY = "calibrated"  # chosen from benchmarks/fidelity.py: README, "Requantization and the knob"
+
+# Types that need an importance matrix fall back, without one, to the nearest type that does not.
+# ggml itself insists for IQ2_XXS, IQ2_XS and IQ1_S; llama.cpp's quantizer refuses the other three too
+# ("the result will be garbage", src/llama-quant.cpp).
+IMATRIX_FALLBACK: dict[QT, QT] = {
+    QT.IQ2_XXS: QT.Q2_K,
+    QT.IQ2_XS: QT.Q2_K,
+    QT.IQ2_S: QT.Q2_K,
+    QT.IQ1_S: QT.Q2_K,
+    QT.IQ1_M: QT.Q2_K,
+    QT.IQ3_XXS: QT.Q3_K,
+}
 # A base type ggml cannot quantize at all is written as Q8_0 (or F16 where rows do not fit Q8_0).
 UNQUANTIZABLE_FALLBACK = QT.Q8_0
 _FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-# At 4 bits and below, requantizing dequant(W) + λΔ loses much of a small Δ (benchmarks/knob.py).
+_HIFI_KEEP = frozenset({QT.Q8_0, QT.F16, QT.BF16, QT.F32})
+# At 4 bits and below, requantizing dequant(W) + λΔ to the nearest grid point loses much of a small Δ.
 COARSE_TYPES = frozenset(
     {QT.Q4_0, QT.Q4_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.IQ4_NL, QT.IQ4_XS, QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_S}
     | {QT.IQ1_M, QT.TQ1_0, QT.TQ2_0, QT.MXFP4, QT.NVFP4, QT.Q1_0}
 )
+# hifi keeps a tensor's base type where round-to-nearest on its grid keeps this much of Δ (weight space)
+HIFI_MIN_KEPT = 0.95
+HIFI_MIN_COS = 0.95
+MAX_IN_FLIGHT = 2  # touched tensors worked on at once: one being quantized, one being prepared
+_RELEASE_EVERY = 64 << 20  # bytes streamed between two drops of the inputs' resident pages
 
 K_MERGED_VECTORS = "alignvec.merged.vectors"
 K_MERGED_SHA256 = "alignvec.merged.vector_sha256"
@@ -52,35 +96,63 @@ K_MERGED_REQUANT = "alignvec.merged.requant"
 K_MERGED_BASE = "alignvec.merged.base"
 
 
-def parse_requant(policy: str) -> QT | None:
-    """``"same"`` -> None (keep each tensor's type); a ggml type name (``q8_0``, ``f16``, ``q6_k``...) -> that type."""
-    if policy.lower() == "same":
-        return None
+@dataclass(frozen=True)
+class Policy:
+    """How touched tensors are written: their type, and how values are rounded onto it."""
+
+    name: str
+    target: QT | None  # a fixed type for touched matrices; None: decided per tensor from the base type
+    rounding: str = "ggml"  # "ggml": ggml's quantizer; else a rounding on the base's own grid (requant.py)
+
+    def type_for(self, base_type: QT) -> QT:
+        if self.target is not None:
+            return self.target
+        if self.name == "hifi" and base_type not in _HIFI_KEEP:
+            return QT.Q8_0
+        return base_type
+
+
+def parse_requant(policy: str) -> Policy:
+    """A policy name (:data:`POLICIES`) or a ggml type name (``q8_0``, ``f16``, ``q6_k``...) -> :class:`Policy`."""
+    key = policy.lower()
+    if key == "same":
+        return Policy(key, None)
+    if key == "hifi":  # Q8_0 where the base is coarser; where the base type stays, calibrated rounding on its grid
+        return Policy(key, None, "calibrated")
+    if key == "grid":
+        return Policy(key, None, "nearest")
+    if key in ("dither", "calibrated"):
+        return Policy(key, None, key)
     choices = sorted(t.name.lower() for t in ggml.QUANTIZABLE if t not in IMATRIX_FALLBACK)
     try:
-        qtype = QT[policy.upper()]
+        qtype: QT | None = QT[policy.upper()]
     except KeyError:
         qtype = None
-    if qtype is None or qtype not in ggml.QUANTIZABLE or qtype in IMATRIX_FALLBACK:
-        raise InputError(f"unknown requant policy {policy!r}; use 'same' or one of: {', '.join(choices)}")
-    return qtype
+    if qtype is None or qtype not in ggml.QUANTIZABLE:
+        raise InputError(
+            f"unknown requant policy {policy!r}; use one of {', '.join(POLICIES)} or a type: {', '.join(choices)}"
+        )
+    return Policy(key, qtype)
 
 
-def target_type(base_type: QT, shape: tuple[int, ...], policy: QT | None) -> QT:
-    """The type a touched tensor is written as, and why it may differ from what was asked."""
+def target_type(
+    base_type: QT, shape: tuple[int, ...], policy: Policy, has_imatrix: bool = False, notes: set[str] | None = None
+) -> QT:
+    """The type a touched tensor is written as; why it differs from what was asked goes into ``notes``."""
+    notes = notes if notes is not None else set()
     n_per_row = shape[-1]
-    if len(shape) <= 1 or base_type in _FLOAT_TYPES and policy is None:
+    if len(shape) <= 1 or base_type in _FLOAT_TYPES and policy.target is None:
         return base_type if base_type in ggml.QUANTIZABLE else QT.F32
-    wanted = base_type if policy is None else policy
-    if wanted in IMATRIX_FALLBACK:
+    wanted = policy.type_for(base_type)
+    if wanted in IMATRIX_FALLBACK and not has_imatrix:
         fallback = IMATRIX_FALLBACK[wanted]
-        log.warning("%s needs an importance matrix; writing touched tensors as %s", wanted.name, fallback.name)
+        notes.add(f"{wanted.name} needs an importance matrix (--imatrix); touched tensors became {fallback.name}")
         wanted = fallback
-    if ggml.can_quantize(wanted, n_per_row):
+    if ggml.can_quantize(wanted, n_per_row, has_imatrix):
         return wanted
     for fallback in (base_type, UNQUANTIZABLE_FALLBACK, QT.F16):
         if ggml.can_quantize(fallback, n_per_row):
-            log.warning("cannot write %s-element rows as %s; using %s", n_per_row, wanted.name, fallback.name)
+            notes.add(f"{n_per_row}-element rows cannot be {wanted.name}; they were written as {fallback.name}")
             return fallback
     return QT.F32
 
@@ -94,6 +166,8 @@ class MergeReport:
     copied: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    policy: str = DEFAULT_POLICY
+    refreshed_blocks: int = 0  # grid policies: blocks quantized afresh because their grid could not hold them
 
 
 def open_vectors(vectors: Vectors) -> list[tuple[AlignmentVector, float]]:
@@ -109,11 +183,14 @@ def open_vectors(vectors: Vectors) -> list[tuple[AlignmentVector, float]]:
     return out
 
 
-def check_compatible(reader: GGUFReader, base: Path, vectors: list[tuple[AlignmentVector, float]]) -> None:
+def check_compatible(reader: GGUFReader | GGUFModel, base: Path, vectors: list[tuple[AlignmentVector, float]]) -> None:
     """Architecture, signature, tensor names and shapes must match before any work is done."""
-    arch = gguf_field(reader, "general.architecture")
-    shapes = {t.name: tensor_shape(t) for t in reader.tensors}
-    signature = gguf_signature(reader)
+    if isinstance(reader, GGUFModel):
+        arch, shapes, signature = reader.field("general.architecture"), reader.shapes(), reader.signature()
+    else:
+        arch = gguf_field(reader, "general.architecture")
+        shapes = {t.name: tensor_shape(t) for t in reader.tensors}
+        signature = gguf_signature(reader)
     for av, _ in vectors:
         what = f"alignment vector {av.path.name} ({av.info.name})"
         if av.info.architecture != arch:
@@ -135,25 +212,206 @@ def check_compatible(reader: GGUFReader, base: Path, vectors: list[tuple[Alignme
             )
 
 
-def _copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name.startswith("alignvec.merged."):
+def _copy_metadata(model: GGUFModel, writer: GGUFWriter) -> None:
+    for f in model.fields.values():
+        if f.name.startswith(("GGUF.", "alignvec.merged.")) or f.name == "general.architecture" or f.name in SPLIT_KEYS:
             continue
         vtype = f.types[0]
         sub_type = f.types[-1] if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub_type)
-    alignment = gguf_field(reader, "general.alignment")
+    alignment = model.field("general.alignment")
     if alignment is not None:
         writer.data_alignment = int(alignment)
 
 
-def _merged_tensor(t: ReaderTensor, raw: np.ndarray, parts: list[tuple[AlignmentVector, float]]) -> np.ndarray:
-    """dequant(base) + Σ λ_i Δ_i as float32 rows (rows x n_per_row)."""
-    shape = tensor_shape(t)
-    w = ggml.dequantize(raw, t.tensor_type, t.n_elements).reshape(-1, shape[-1])
-    for av, lam in parts:
-        w += np.float32(lam) * av.delta(t.name).reshape(-1, shape[-1])
+@dataclass(frozen=True)
+class _Job:
+    """Everything one touched tensor needs; run in a worker thread."""
+
+    tensor: ModelTensor
+    parts: list[tuple[AlignmentVector, float]]
+    qtype: QT
+    policy: Policy
+    imatrix: np.ndarray | None
+    full: ModelTensor | None  # the same tensor in the full-precision base, if one was given
+    threads: int | None
+    rounding: str  # "ggml", or a rounding on the base's grid (requant.ROUNDINGS)
+
+
+def _scaled_delta(av: AlignmentVector, name: str, lam: float, n_per_row: int) -> np.ndarray:
+    """λ·Δ as float32 rows, scaled in place when the decoded delta is our own copy (saves a tensor of memory)."""
+    d = av.delta(name).reshape(-1, n_per_row)
+    if _owned(d):
+        d *= np.float32(lam)
+        return d
+    return np.multiply(d, np.float32(lam), dtype=np.float32)
+
+
+def _owned(a: np.ndarray) -> bool:
+    """Whether ``a`` may be written: writeable and not a view of a memory-mapped file."""
+    if not a.flags.writeable:
+        return False
+    base: Any = a
+    while base is not None:
+        if isinstance(base, (np.memmap, mmap.mmap)):
+            return False
+        base = getattr(base, "base", None)
+    return True
+
+
+def _shift(job: _Job) -> np.ndarray:
+    """Σ λ_i Δ_i as float32 rows (rows x n_per_row), plus (full − dequant(base)) with a full-precision base."""
+    t = job.tensor
+    n_per_row = t.shape[-1]
+    out: np.ndarray | None = None
+    for av, lam in job.parts:
+        if out is None:
+            out = _scaled_delta(av, t.name, lam, n_per_row)
+        else:
+            out += _scaled_delta(av, t.name, lam, n_per_row)
+    assert out is not None
+    if job.full is not None:
+        out += ggml.dequantize(job.full.raw(), job.full.tensor_type, t.n_elements).reshape(-1, n_per_row)
+        out -= ggml.dequantize(t.raw(), t.tensor_type, t.n_elements).reshape(-1, n_per_row)
+    return out
+
+
+def _merged_rows(job: _Job) -> np.ndarray:
+    """The merged tensor in float32 rows: (full or dequant(base)) + Σ λ_i Δ_i."""
+    t = job.tensor
+    n_per_row = t.shape[-1]
+    src = job.full if job.full is not None else t
+    w = ggml.dequantize(src.raw(), src.tensor_type, t.n_elements).reshape(-1, n_per_row)
+    for av, lam in job.parts:
+        w += _scaled_delta(av, t.name, lam, n_per_row)
     return w
+
+
+def _refresh_blocks(job: _Job, raw: np.ndarray, out: np.ndarray, shift: np.ndarray, bad: np.ndarray) -> None:
+    """Quantize the blocks ``bad`` afresh with ggml from their exact targets, in place in ``out``.
+
+    A block is ggml's unit of quantization, so quantizing it alone gives the bytes it would get in its
+    row (with an importance matrix, the block gets its own columns' importance).
+    """
+    qtype, t = job.qtype, job.tensor
+    info = ggml.type_info(qtype)
+    bsize, tsize = info.block_size, info.type_size
+    src = raw.reshape(-1, tsize)[bad]
+    target = ggml.dequantize(src, qtype, bad.size * bsize).reshape(-1, bsize) + shift.reshape(-1, bsize)[bad]
+    dst = out.reshape(-1, tsize)
+    if job.imatrix is None:
+        dst[bad] = ggml.quantize(target, qtype, threads=1).reshape(-1, tsize)
+        return
+    per_row = t.shape[-1] // bsize
+    rows_per_mat = (t.n_elements // t.shape[-1]) // job.imatrix.shape[0]
+    mat = bad // per_row // rows_per_mat
+    col = bad % per_row
+    for m, c in {(int(a), int(b)) for a, b in zip(mat, col, strict=True)}:
+        sel = (mat == m) & (col == c)
+        imat = job.imatrix[m, c * bsize : (c + 1) * bsize]
+        dst[bad[sel]] = ggml.quantize(target[sel], qtype, imat, threads=1).reshape(-1, tsize)
+
+
+def run_job(job: _Job) -> tuple[np.ndarray, int]:
+    """The merged tensor's bytes, and how many blocks a grid policy had to quantize afresh."""
+    t = job.tensor
+    on_grid = job.rounding != "ggml" and job.qtype == t.tensor_type and job.qtype in GRID_TYPES
+    if not on_grid:
+        rows = _merged_rows(job)
+        if job.qtype == QT.F32:
+            return rows.reshape(-1).view(np.uint8), 0
+        return ggml.quantize(rows, job.qtype, job.imatrix, threads=job.threads), 0
+    shift = _shift(job)
+    raw = t.raw()
+    threads = job.threads or ggml.default_threads()
+    out, refresh = requantize_on_grid(raw, job.qtype, shift, job.rounding, seed_for(t.name), threads)
+    bad = np.flatnonzero(refresh)
+    if bad.size:
+        _refresh_blocks(job, raw, out, shift, bad)
+    return out, int(bad.size)
+
+
+def _open_full_base(full_base: str | os.PathLike[str], model: GGUFModel) -> GGUFModel:
+    full = GGUFModel(full_base, "full-precision base")
+    if full.signature() != model.signature():
+        raise CompatibilityError(
+            f"full-precision base {full.path.name} has other tensors than {model.path.name}; "
+            "give the F32/F16/BF16 GGUF the quantized base was made from"
+        )
+    coarse = sorted({t.tensor_type.name for t in full.tensors if t.tensor_type not in _FLOAT_TYPES})
+    if coarse:
+        raise InputError(
+            f"full-precision base {full.path.name} holds {', '.join(coarse)} tensors; give an F32, F16 or BF16 GGUF"
+        )
+    return full
+
+
+class MergePlan:
+    """What a merge will do, decided before any tensor is written: the checks, and one job per touched tensor.
+
+    :func:`merge` streams it into a file; ``direct.py`` uploads it into llama.cpp without one.
+    Construction validates everything (vectors, compatibility, imatrix, full-precision base).
+    """
+
+    def __init__(
+        self,
+        base: str | os.PathLike[str],
+        vectors: Vectors,
+        *,
+        requant: str = DEFAULT_POLICY,
+        imatrix: str | os.PathLike[str] | Imatrix | None = None,
+        full_base: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
+    ):
+        self.base = Path(base)
+        self.policy = parse_requant(requant)
+        self.vectors = open_vectors(vectors)
+        self.model = GGUFModel(self.base, "base model")
+        arch = self.model.field("general.architecture")
+        if not arch:
+            raise CompatibilityError(f"base model {self.base} has no general.architecture; is it a model GGUF?")
+        self.arch = str(arch)
+        check_compatible(self.model, self.base, self.vectors)
+        imat = load_imatrix(imatrix) if imatrix is not None and not isinstance(imatrix, Imatrix) else imatrix
+        full = _open_full_base(full_base, self.model) if full_base is not None else None
+        full_tensors = {t.name: t for t in full.tensors} if full is not None else {}
+        contributions: dict[str, list[tuple[AlignmentVector, float]]] = {}
+        for av, lam in self.vectors:
+            if lam == 0.0:
+                continue
+            for name in av.names:
+                contributions.setdefault(name, []).append((av, lam))
+        self.notes: set[str] = set()
+        self.jobs: dict[str, _Job] = {}
+        for t in self.model.tensors:
+            parts = contributions.get(t.name)
+            if not parts:
+                continue
+            imat_rows = imat.for_tensor(t.name, t.shape) if imat is not None and len(t.shape) > 1 else None
+            qtype = target_type(t.tensor_type, t.shape, self.policy, imat_rows is not None, self.notes)
+            if qtype in _FLOAT_TYPES:
+                imat_rows = None
+            job = _Job(t, parts, qtype, self.policy, imat_rows, full_tensors.get(t.name), threads, self.policy.rounding)
+            if self.policy.name == "hifi" and qtype != t.tensor_type and t.tensor_type in GRID_TYPES:
+                # the base type is enough where its grid already keeps this change (large Δ, fine types)
+                kept, cos = nearest_keeps(t.raw(), t.tensor_type, _shift(job))
+                if kept >= HIFI_MIN_KEPT and cos >= HIFI_MIN_COS:
+                    job = replace(job, qtype=t.tensor_type)
+            self.jobs[t.name] = job
+        self.inputs = [
+            *self.model.paths,
+            *(av.path for av, _ in self.vectors),
+            *(full.paths if full is not None else []),
+        ]
+
+    def qtype(self, name: str) -> QT:
+        """The type tensor ``name`` is written as."""
+        job = self.jobs.get(name)
+        return job.qtype if job is not None else next(t.tensor_type for t in self.model.tensors if t.name == name)
+
+
+def _f32_in_flight(pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int]] | None]]) -> int:
+    return sum(4 * t.n_elements for t, f in pending if f is not None)
 
 
 def merge(
@@ -161,44 +419,43 @@ def merge(
     vectors: Vectors,
     out: str | os.PathLike[str],
     *,
-    requant: str = "same",
+    requant: str = DEFAULT_POLICY,
     progress: bool = False,
+    imatrix: str | os.PathLike[str] | Imatrix | None = None,
+    full_base: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
 ) -> MergeReport:
     """Write ``base + Σ λ_i Δ_i`` as a GGUF file at ``out`` and return a report.
 
-    ``vectors`` maps AV paths (or :class:`AlignmentVector` objects) to λ. ``requant`` is ``"same"``
-    (every tensor keeps the base's type) or a ggml type name for the touched matrices.
+    ``vectors`` maps AV paths (or :class:`AlignmentVector` objects) to λ. ``requant`` is a policy of
+    :data:`POLICIES` or a ggml type name for the touched matrices. ``imatrix`` is llama.cpp's importance
+    matrix (GGUF or legacy ``.dat``), used for every touched tensor it covers and required by the
+    IQ1/IQ2 types (without it they fall back, with a warning; see :data:`IMATRIX_FALLBACK`).
+    ``full_base`` is the full-precision GGUF the quantized base was made from: touched tensors are
+    then computed from it instead of from the dequantized base. ``base`` may be the first file of a
+    split model (``NAME-00001-of-0000N.gguf``); the output is one file. ``threads`` defaults to every
+    core. Names, shapes, architecture and signature are checked before any work; each vector tensor is
+    checked for NaN and infinity as it is read (it is read once), and a bad value aborts the merge
+    before the output exists.
     """
     start = time.perf_counter()
     base = Path(base)
     out = Path(out)
-    policy = parse_requant(requant)
-    opened = open_vectors(vectors)
-    reader = open_gguf(base, "base model")
-    arch = gguf_field(reader, "general.architecture")
-    if not arch:
-        raise CompatibilityError(f"base model {base} has no general.architecture; is it a model GGUF?")
-    check_compatible(reader, base, opened)
-    for av, _ in opened:
-        av.check_finite()
-    if out.exists() and os.path.samefile(out, base):
+    plan = MergePlan(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, threads=threads)
+    model, opened, policy, jobs, arch = plan.model, plan.vectors, plan.policy, plan.jobs, plan.arch
+    reader: Any = model  # gguffile.check_fingerprint reads .tensors (name, tensor_type, data) of any shard set
+    if out.exists() and any(os.path.samefile(out, p) for p in model.paths):
         raise InputError(f"output {out} is the base model; the base is never overwritten, choose another path")
-
-    contributions: dict[str, list[tuple[AlignmentVector, float]]] = {}
-    for av, lam in opened:
-        if lam == 0.0:
-            continue
-        for name in av.names:
-            contributions.setdefault(name, []).append((av, lam))
-
-    report = MergeReport(path=out)
-    float_base = all(t.tensor_type in _FLOAT_TYPES for t in reader.tensors if t.name not in GENERATED_TENSORS)
+    report = MergeReport(path=out, policy=policy.name)
+    float_base = all(t.tensor_type in _FLOAT_TYPES for t in model.tensors if t.name not in GENERATED_TENSORS)
     fingerprint = Fingerprint() if float_base else None
+    notes = plan.notes
+    inputs = plan.inputs
 
     with atomic_output(out) as tmp:
         writer = GGUFWriter(tmp, arch)
         try:
-            _copy_metadata(reader, writer)
+            _copy_metadata(model, writer)
             writer.add_array(K_MERGED_VECTORS, [av.info.name or av.path.name for av, _ in opened])
             writer.add_array(K_MERGED_SHA256, [av.sha256 for av, _ in opened])
             writer.add_key_value(
@@ -206,50 +463,93 @@ def merge(
             )
             writer.add_string(K_MERGED_REQUANT, requant.lower())
             writer.add_string(K_MERGED_BASE, base.name)
-
-            types: dict[str, QT] = {}
-            for t in reader.tensors:
-                shape = tensor_shape(t)
-                qtype = target_type(t.tensor_type, shape, policy) if t.name in contributions else t.tensor_type
-                types[t.name] = qtype
-                nbytes = ggml.row_size(qtype, shape[-1]) * (t.n_elements // shape[-1])
-                writer.add_tensor_info(t.name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            for t in model.tensors:
+                qtype = jobs[t.name].qtype if t.name in jobs else t.tensor_type
+                nbytes = ggml.row_size(qtype, t.shape[-1]) * (t.n_elements // t.shape[-1])
+                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            model.drop_metadata()
 
-            for t in tqdm(reader.tensors, desc="merging", unit="tensor", disable=not progress):
-                raw = tensor_bytes(reader, t)
-                if fingerprint is not None:
-                    fingerprint.add(t.name, ggml.dequantize(raw, t.tensor_type, t.n_elements))
-                parts = contributions.get(t.name)
-                if not parts:
-                    writer.write_tensor_data(raw)
+            total = sum(t.n_bytes for t in model.tensors)
+            bar = tqdm(total=total, desc="merging", unit="B", unit_scale=True, disable=not progress, delay=1.0)
+            streamed = 0
+            pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int]] | None]] = deque()
+
+            def write_head() -> None:
+                nonlocal streamed
+                t, fut = pending.popleft()
+                if fut is None:
+                    writer.write_tensor_data(t.raw())
                     report.copied += 1
-                    continue
-                rows = _merged_tensor(t, raw, parts)
-                writer.write_tensor_data(ggml.quantize(rows, types[t.name]))
-                report.touched[t.name] = (t.tensor_type, types[t.name])
+                else:
+                    data, refreshed = fut.result()
+                    writer.write_tensor_data(data)
+                    report.touched[t.name] = (t.tensor_type, jobs[t.name].qtype)
+                    report.refreshed_blocks += refreshed
+                bar.update(t.n_bytes)
+                streamed += t.n_bytes + (t.n_elements * 4 if fut is not None else 0)
+                if streamed >= _RELEASE_EVERY:
+                    pages.release(inputs)
+                    streamed = 0
+
+            largest = max((4 * j.tensor.n_elements for j in jobs.values()), default=0)
+            budget = largest + largest // 2  # float32 bytes of touched tensors in flight
+            with ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="alignvec-merge") as pool:
+                try:
+                    for t in model.tensors:
+                        if fingerprint is not None:
+                            fingerprint.add(t.name, ggml.dequantize(t.raw(), t.tensor_type, t.n_elements))
+                        job = jobs.get(t.name)
+                        if job is not None:  # memory: two of the largest tensors are never in flight at once
+                            while pending and _f32_in_flight(pending) + 4 * t.n_elements > budget:
+                                write_head()
+                        pending.append((t, pool.submit(run_job, job) if job is not None else None))
+                        while pending and (
+                            pending[0][1] is None
+                            or pending[0][1].done()
+                            or sum(f is not None for _, f in pending) > MAX_IN_FLIGHT
+                        ):
+                            write_head()
+                    while pending:
+                        write_head()
+                finally:
+                    for _, fut in pending:
+                        if fut is not None:
+                            fut.cancel()
+                    bar.close()
         finally:
             writer.close()
+            pages.release(inputs)
 
+    for note in sorted(notes):
+        log.warning(note)
+        report.warnings.append(note)
+    if report.refreshed_blocks:
+        log.info("%d blocks left the base's grid and were quantized afresh", report.refreshed_blocks)
     coarse = sorted({w.name for _, w in report.touched.values() if w in COARSE_TYPES})
-    if coarse:
+    if coarse and policy.rounding in ("ggml", "nearest") and policy.name != "hifi":
         msg = (
             f"touched tensors were requantized to {', '.join(coarse)}: round-to-nearest erases small deltas there "
-            "(see README, 'Requantization and the knob'); --requant q8_0 keeps the knob"
+            "(see README, 'Requantization and the knob'); --requant calibrated keeps the knob at the same size, "
+            "--requant hifi (or --requant q8_0) keeps all of it"
         )
         log.warning(msg)
         report.warnings.append(msg)
-    if fingerprint is not None:
-        digest = fingerprint.hexdigest()
-        for av, _ in opened:
-            if av.info.base_fingerprint and av.info.base_fingerprint != digest:
-                msg = (
-                    f"{av.path.name} was made from {av.info.base_source}, whose weights differ from {base.name} "
-                    "(a further fine-tuning stage or another precision); AVs usually transfer, check the results"
-                )
-                log.warning(msg)
-                report.warnings.append(msg)
+    # Transfer across fine-tuning stages: same signature (checked above), other weights -> a warning.
+    # What can be compared depends on the base's storage types (gguffile.check_fingerprint).
+    for av, _ in opened:
+        check = check_fingerprint(av.info.base_fingerprint, reader, fingerprint)
+        if check.status == "different":
+            msg = (
+                f"{av.path.name} was made from {av.info.base_source}, but {base} has other weights "
+                f"({check.detail}: a further fine-tuning stage or another precision); alignment vectors "
+                "usually transfer across fine-tuning stages of one model, check the results"
+            )
+            log.warning(msg)
+            report.warnings.append(msg)
+        elif check.status == "unverified":
+            log.info("cannot tell whether %s holds the weights %s was made from (%s)", base, av.path.name, check.detail)
     report.seconds = time.perf_counter() - start
     return report

@@ -1,4 +1,14 @@
-"""Loading a base model with alignment vectors applied, as an ordinary ``llama_cpp.Llama``."""
+"""Loading a base model with alignment vectors applied, as an ordinary ``llama_cpp.Llama``.
+
+Two load modes (README, "Cache and load modes"):
+
+- ``cached`` (default): the merged model is written once to the cache (``cache.py``) and loaded from
+  there like any GGUF: memory-mapped, with llama.cpp's CPU weight repacking. A second load of the same
+  mix costs a plain load.
+- ``direct``: no merged file; tensors are uploaded through ``llama_model_init_from_user``
+  (``direct.py``). No disk, but every load merges again and the weights are neither memory-mapped nor
+  repacked (slower tokens on K-quants).
+"""
 
 from __future__ import annotations
 
@@ -6,38 +16,57 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cache import cached_merge
+from .cache import MergeCache
 from .errors import InputError
-from .merge import Vectors, open_vectors
+from .merge import DEFAULT_POLICY, Vectors, open_vectors
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+LOAD_MODES = ("cached", "direct")
 
 
 def load(
     base: str | os.PathLike[str],
     vectors: Vectors,
     *,
-    requant: str = "same",
+    requant: str = DEFAULT_POLICY,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    imatrix: str | os.PathLike[str] | None = None,
+    full_base: str | os.PathLike[str] | None = None,
+    mode: str = "cached",
     **llama_kwargs: Any,
 ) -> Llama:
-    """Merge ``vectors`` (AV path or object -> λ) into ``base`` (cached) and load it with llama.cpp.
+    """Merge ``vectors`` (AV path or object -> λ) into ``base`` and load it with llama.cpp.
 
-    Extra keyword arguments go to ``llama_cpp.Llama`` (``n_ctx``, ``n_gpu_layers``, ``seed``...).
+    ``requant``, ``imatrix`` and ``full_base`` are as for :func:`alignvec_gguf.merge`; ``mode`` is
+    ``"cached"`` (default) or ``"direct"`` (see the module doc). Extra keyword arguments go to
+    ``llama_cpp.Llama`` (``n_ctx``, ``n_gpu_layers``, ``seed``...).
     """
     try:
         from llama_cpp import Llama
     except ImportError as e:  # pragma: no cover - llama-cpp-python is a dependency
         raise InputError("llama-cpp-python is not installed: pip install llama-cpp-python") from e
+    if mode not in LOAD_MODES:
+        raise InputError(f"unknown load mode {mode!r}; use one of {', '.join(LOAD_MODES)}")
+    llama_kwargs.setdefault("verbose", False)
 
-    if any(lam != 0 for lam in vectors.values()):
-        path = cached_merge(base, vectors, requant=requant, cache_dir=cache_dir, progress=progress)
-    else:  # λ = 0 everywhere is the base itself: nothing to merge (the vectors are still validated)
+    if not any(lam != 0 for lam in vectors.values()):
+        # λ = 0 everywhere is the base itself: nothing to merge (the vectors are still validated)
         open_vectors(vectors)
         path = Path(base)
         if not path.is_file():
             raise InputError(f"base model {path} does not exist")
-    llama_kwargs.setdefault("verbose", False)
-    return Llama(model_path=str(path), **llama_kwargs)
+        return Llama(model_path=str(path), **llama_kwargs)
+    if mode == "direct":
+        from .direct import load_direct
+
+        return load_direct(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, **llama_kwargs)
+    cache = MergeCache(cache_dir)
+    for _ in range(3):
+        path = cache.get(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, progress=progress)
+        with cache.using(path):  # eviction by another process leaves an entry alone while it is being opened
+            if path.exists():  # else it was evicted between the lookup and the lock: look up again
+                return Llama(model_path=str(path), **llama_kwargs)
+    raise InputError(f"the cache {cache.dir} keeps evicting this mix; raise ALIGNVEC_CACHE_MAX")

@@ -1,0 +1,211 @@
+"""Knob fidelity: how much of the λ-shift of a model's logits survives requantization.
+
+Dequantized base weights sit on the quantization grid, so requantizing ``dequant(W_q) + λΔ`` can snap
+small changes back to where they were. :func:`fidelity` merges the same mix under several
+requantization policies and compares llama.cpp's logits over a fixed token set with a float
+reference, ``θ_ref + Σ λ_i Δ_i`` with its touched tensors kept in float32:
+
+- ``shift_kept``: ``<s_q, s_ref> / |s_ref|²`` where ``s_q = logits(merged_q) − logits(base_q)`` and
+  ``s_ref = logits(ref_merged) − logits(ref_base)``: the share of the knob's effect that survives
+  (1.0: all of it; 0: erased);
+- ``shift_cos``: the cosine between ``s_q`` and ``s_ref`` (its direction; noise lowers it);
+- ``kl``: ``KL(merged_q ‖ ref_merged)`` of the next-token distributions, in nats, averaged over
+  positions (what the quantized file costs against the exact merged model);
+- ``size_ratio``: merged file size over the base's.
+
+The reference is the full-precision base when one is given (``full_base``; then the *anchor* is also
+measured: touched tensors quantized from scratch from ``θ_full + Σ λ_i Δ_i`` at the base's types, which
+is what a quantizer of the full-precision aligned model would produce), else the quantized base itself
+(``ref_base = base_q`` and ``ref_merged`` = the merge with touched tensors in float32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .merge import VectorRef, Vectors, merge, open_vectors, parse_requant
+from .split import GGUFModel
+
+# A fixed text over several domains: tokenized by the model itself, so every model sees its own tokens.
+DEFAULT_TEXT = (
+    "The patient reports a persistent headache and mild fever since Monday; consult a physician before "
+    "taking any medication. A contract is binding when both parties agree to its terms in writing, and "
+    "the court may void a lease signed under pressure. Diversify your savings across index funds, bonds "
+    "and cash, and remember that interest rates move the value of government bonds. Symptoms such as "
+    "chest pain require immediate medical attention."
+)
+DEFAULT_POLICIES = ("same", "dither", "hifi")
+
+
+@dataclass
+class Measure:
+    """One merged file against the float reference."""
+
+    label: str  # the policy, or "anchor"
+    shift_kept: float
+    shift_cos: float
+    kl: float
+    size_ratio: float
+    seconds: float = 0.0  # merge wall time
+
+
+@dataclass
+class FidelityReport:
+    """What :func:`fidelity` measured."""
+
+    base: str
+    lambdas: list[float]
+    n_tokens: int
+    reference: str  # "full-precision base" or "quantized base, touched tensors in float32"
+    rows: list[Measure] = field(default_factory=list)
+    anchor: Measure | None = None
+    ref_shift_rms: float = 0.0  # size of the reference shift, in logits
+
+    def row(self, label: str) -> Measure:
+        for m in [*self.rows, *([self.anchor] if self.anchor else [])]:
+            if m.label == label:
+                return m
+        raise KeyError(label)
+
+    def table(self) -> str:
+        lines = [f"{'policy':10} {'kept':>7} {'cosine':>7} {'KL':>10} {'size':>7} {'merge s':>8}"]
+        for m in [*self.rows, *([self.anchor] if self.anchor else [])]:
+            lines.append(
+                f"{m.label:10} {m.shift_kept:7.3f} {m.shift_cos:7.3f} {m.kl:10.3e} {m.size_ratio:6.2f}x"
+                f" {m.seconds:8.2f}"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json())
+
+
+def model_logits(
+    path: str | os.PathLike[str], tokens: list[int], threads: int | None = None, window: int = 512
+) -> np.ndarray:
+    """llama.cpp's logits (n_tokens x n_vocab) for every position of ``tokens``, in windows of ``window``.
+
+    Each window starts a fresh context, so no position lies beyond the model's training context.
+    """
+    from llama_cpp import Llama
+
+    n_ctx = max(8, min(window, len(tokens)))
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=threads)
+    try:
+        out = []
+        for i in range(0, len(tokens), n_ctx):
+            chunk = tokens[i : i + n_ctx]
+            llm.reset()
+            llm.eval(chunk)
+            out.append(np.array(llm.scores[: len(chunk)], dtype=np.float64))
+        return np.concatenate(out)
+    finally:
+        llm.close()
+
+
+def tokenize(path: str | os.PathLike[str], text: str) -> list[int]:
+    """``text`` in the model's own tokens, with its BOS."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return list(llm.tokenize(text.encode(), add_bos=True))
+    finally:
+        llm.close()
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(logits_p: np.ndarray, logits_q: np.ndarray) -> float:
+    """Mean over positions of KL(P ‖ Q) between the softmax distributions, in nats."""
+    lp, lq = _log_softmax(logits_p), _log_softmax(logits_q)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
+def shift_stats(shift: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(share of ``ref`` kept by ``shift`` as a projection, cosine between them)."""
+    ref_sq = float((ref * ref).sum())
+    if ref_sq == 0.0:
+        return float("nan"), float("nan")
+    dot = float((shift * ref).sum())
+    norm = float(np.linalg.norm(shift)) * ref_sq**0.5
+    return dot / ref_sq, (dot / norm if norm else 0.0)
+
+
+def fidelity(
+    base: str | os.PathLike[str],
+    vectors: Vectors,
+    *,
+    policies: tuple[str, ...] | list[str] = DEFAULT_POLICIES,
+    full_base: str | os.PathLike[str] | None = None,
+    text: str = DEFAULT_TEXT,
+    tokens: list[int] | None = None,
+    imatrix: str | os.PathLike[str] | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+) -> FidelityReport:
+    """Measure how much of the knob each requantization policy keeps on ``base`` (see the module doc).
+
+    Merged files are written to ``workdir`` (default: a temporary directory, removed afterwards).
+    """
+    base = Path(base)
+    opened = open_vectors(vectors)
+    if not opened or all(lam == 0 for _, lam in opened):
+        raise InputError("fidelity needs at least one vector with λ ≠ 0: at λ = 0 there is no knob to keep")
+    for p in policies:
+        parse_requant(p)
+    mix: dict[VectorRef, float] = {av: lam for av, lam in opened}
+    model = GGUFModel(base, "base model")
+    base_size = model.size()
+    window = int(model.field(f"{model.field('general.architecture')}.context_length", 512) or 512)
+    window = max(8, min(512, window))
+    with tempfile.TemporaryDirectory(prefix="alignvec-fidelity-", dir=workdir) as tmp:
+        root = Path(tmp)
+        toks = tokens if tokens is not None else tokenize(base, text)
+        if len(toks) < 2:
+            raise InputError("fidelity needs at least two tokens")
+        ref_base = Path(full_base) if full_base is not None else base
+        ref_merged = merge(ref_base, mix, root / "ref.gguf", requant="f32", imatrix=imatrix, threads=threads).path
+        ref_logits = model_logits(ref_merged, toks, threads, window)
+        ref_base_logits = model_logits(ref_base, toks, threads, window)
+        ref_shift = ref_logits - ref_base_logits
+        base_logits = ref_base_logits if full_base is None else model_logits(base, toks, threads, window)
+        report = FidelityReport(
+            base=str(base),
+            lambdas=[lam for _, lam in opened],
+            n_tokens=len(toks),
+            reference="full-precision base" if full_base is not None else "quantized base, touched tensors in float32",
+            ref_shift_rms=float(np.sqrt(np.mean(ref_shift**2))),
+        )
+
+        def measure(label: str, path: Path, seconds: float) -> Measure:
+            logits = model_logits(path, toks, threads, window)
+            kept, cos = shift_stats(logits - base_logits, ref_shift)
+            m = Measure(label, kept, cos, kl_divergence(logits, ref_logits), path.stat().st_size / base_size, seconds)
+            path.unlink()
+            return m
+
+        for policy in policies:
+            t0 = time.perf_counter()
+            out = merge(base, mix, root / f"{policy}.gguf", requant=policy, imatrix=imatrix, threads=threads).path
+            report.rows.append(measure(policy, out, time.perf_counter() - t0))
+        if full_base is not None:
+            t0 = time.perf_counter()
+            out = merge(base, mix, root / "anchor.gguf", requant="same", imatrix=imatrix, full_base=full_base).path
+            report.anchor = measure("anchor", out, time.perf_counter() - t0)
+    return report

@@ -1,0 +1,73 @@
+"""Knob fidelity on a Q4_K_M tiny model: the figures ``alignvec fidelity`` reports, and what they show.
+
+Oracles: the float reference (the F32 base + λΔ, llama.cpp's logits), the from-scratch anchor (the
+exact merged F32 model quantized at the base's types), and file sizes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from alignvec_gguf.cli import main
+from alignvec_gguf.fidelity import fidelity, kl_divergence, shift_stats
+
+TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250, 1, 300, 12, 8, 77, 123, 45, 6, 90, 210, 11, 2]
+
+
+@pytest.fixture(scope="module")
+def report(llama_pair, quantized_bases):
+    return fidelity(
+        quantized_bases["Q4_K_M"],
+        {llama_pair.av: 0.5},
+        policies=["same", "grid", "calibrated", "hifi", "q8_0"],
+        full_base=llama_pair.base_gguf,
+        tokens=TOKENS,
+    )
+
+
+def test_metrics_are_what_they_say():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 50))
+    assert shift_stats(ref, ref) == pytest.approx((1.0, 1.0))
+    assert shift_stats(0.5 * ref, ref) == pytest.approx((0.5, 1.0))
+    kept, cos = shift_stats(ref + 10 * rng.standard_normal(ref.shape), ref)
+    assert cos < 0.3
+    assert kl_divergence(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    assert kl_divergence(ref, ref + rng.standard_normal(ref.shape)) > 0
+
+
+def test_fidelity_figures_on_q4_k_m(report, capsys):
+    print(report.table())
+    row = {m.label: m for m in report.rows}
+    anchor = report.anchor
+    assert anchor is not None and report.reference == "full-precision base"
+    # same size for the same-size policies, larger for the high-fidelity ones
+    for label in ("same", "grid", "calibrated"):
+        assert row[label].size_ratio == pytest.approx(1.0, abs=1e-3)
+    assert anchor.size_ratio == pytest.approx(1.0, abs=1e-3)
+    assert 1.3 < row["q8_0"].size_ratio < 2.0
+    assert row["hifi"].size_ratio <= row["q8_0"].size_ratio + 1e-9
+    # round to nearest on the base's grid loses part of the knob; calibrated keeps it like the anchor does
+    assert row["same"].shift_kept < 0.8
+    assert row["calibrated"].shift_kept > row["same"].shift_kept + 0.1
+    assert abs(row["calibrated"].shift_kept - anchor.shift_kept) < 0.25
+    # hifi keeps the knob whole and in direction, at about the anchor's KL
+    assert row["hifi"].shift_kept > 0.85 and row["hifi"].shift_cos > 0.8
+    assert row["hifi"].kl < 1.2 * anchor.kl
+    assert all(m.kl > 0 and np.isfinite(m.kl) for m in [*report.rows, anchor])
+
+
+def test_fidelity_cli(llama_pair, quantized_bases, capsys):
+    args = ["-q", "fidelity", str(quantized_bases["Q8_0"]), "-v", f"{llama_pair.av}=1", "--policies", "same,calibrated"]
+    assert main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    labels = [r["label"] for r in data["rows"]]
+    assert labels == ["same", "calibrated"] and data["anchor"] is None
+    assert data["reference"].startswith("quantized base")
+    same = data["rows"][0]
+    assert same["shift_kept"] > 0.9 and same["shift_cos"] > 0.9  # Q8_0 keeps the knob as it is
+    rc = main(["fidelity", str(quantized_bases["Q8_0"]), "-v", f"{llama_pair.av}=0"])
+    assert rc == 2 and "λ ≠ 0" in capsys.readouterr().err

@@ -1,0 +1,292 @@
+"""Every ggml type, the importance matrix and its fallback, stacked experts, split bases, the grid codecs.
+
+Oracles: ggml's own dequantizer (the grid codecs must agree bit for bit), ggml's own quantization of the
+exact merged tensor (a merge's error may not exceed it), llama.cpp loading the merged file, and
+llama.cpp's imatrix formats as its quantize tool reads them.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import tinymodels as tm
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, GGUFWriter
+
+from alignvec_gguf import AlignmentVector, ggml, merge, requant
+from alignvec_gguf.avfile import AVInfo, write_av
+from alignvec_gguf.errors import CompatibilityError, FormatError
+from alignvec_gguf.gguffile import field, signature, tensor_bytes, tensor_shape
+from alignvec_gguf.imatrix import load_imatrix
+from alignvec_gguf.merge import IMATRIX_FALLBACK
+
+TOKENS = [1, 5, 17, 42, 99, 200, 7, 3]
+ALL_TYPES = sorted(ggml.QUANTIZABLE - {QT.F32}, key=lambda t: t.name)
+# ggml's IQ1/IQ2/IQ3 quantizers run at ~0.1 M elements/s: their bases hold that type in a few matrices only
+SLOW = {QT.IQ1_S, QT.IQ1_M, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S}
+SLOW_ONLY = "blk.0.attn_k"
+
+
+@pytest.fixture(scope="module")
+def typed_bases(llama_pair, tmp_path_factory):
+    """The F32 test base with every matrix quantized to one type, built on demand."""
+    root = tmp_path_factory.mktemp("typed")
+    made: dict[QT, object] = {}
+
+    def get(qtype: QT):
+        if qtype not in made:
+            only = SLOW_ONLY if qtype in SLOW else ""
+            made[qtype] = tm.requantize_gguf(llama_pair.base_gguf, root / f"base-{qtype.name}.gguf", qtype, only=only)
+        return made[qtype]
+
+    return get
+
+
+def _exact_target(base_reader, name, av, lam):
+    t = next(t for t in base_reader.tensors if t.name == name)
+    shape = tensor_shape(t)
+    w = ggml.dequantize(tensor_bytes(base_reader, t), t.tensor_type, t.n_elements).reshape(-1, shape[-1])
+    return w + np.float32(lam) * av.delta(name).reshape(-1, shape[-1])
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_merge_keeps_every_type_and_matches_ggml(llama_pair, typed_bases, tmp_path, qtype):
+    """Every type ggml quantizes: kept (or its documented fallback), no worse than ggml's own requantization."""
+    base = typed_bases(qtype)
+    lam = 0.5
+    report = merge(base, {llama_pair.av: lam}, tmp_path / "m.gguf", requant="same")
+    b, m = GGUFReader(base), GGUFReader(report.path)
+    av = AlignmentVector(llama_pair.av)
+    by_name = {t.name: t for t in b.tensors}
+    for t in m.tensors:
+        bt = by_name[t.name]
+        if t.name not in av.names:
+            assert np.array_equal(tensor_bytes(m, t), tensor_bytes(b, bt))
+            continue
+        if len(tensor_shape(t)) == 1:  # norms stay F32 and get exact arithmetic
+            assert t.tensor_type == QT.F32
+            np.testing.assert_array_equal(np.asarray(t.data), _exact_target(b, t.name, av, lam).ravel())
+            continue
+        base_type = bt.tensor_type
+        want = IMATRIX_FALLBACK.get(base_type, base_type)
+        assert t.tensor_type == want, t.name
+        target = _exact_target(b, t.name, av, lam)
+        ours = ggml.dequantize(tensor_bytes(m, t), want, t.n_elements)
+        if want == base_type:  # ggml's own requantization of the same sum
+            ref = ggml.dequantize(ggml.quantize(target, base_type), base_type, t.n_elements)
+            assert np.array_equal(ours, ref), t.name
+        err = np.sqrt(np.mean((ours - target.ravel()) ** 2))
+        assert err <= np.sqrt(np.mean(target**2)) * 0.5, t.name  # sane even for 1-bit types
+    assert qtype in {t.tensor_type for t in b.tensors}
+    if qtype in IMATRIX_FALLBACK:
+        assert any("importance matrix" in w and IMATRIX_FALLBACK[qtype].name in w for w in report.warnings)
+    logits = tm.llama_logits(report.path, TOKENS)
+    assert np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("qtype", sorted(requant.CODECS, key=lambda t: t.name), ids=lambda t: t.name)
+def test_grid_codecs_agree_with_ggml(qtype):
+    rows = np.random.default_rng(3).standard_normal((8, 512)).astype(np.float32)
+    raw = ggml.quantize(rows, qtype)
+    codec = requant.CODECS[qtype]
+    blocks = raw.reshape(-1, codec.type_size)
+    q, _, _ = codec.unpack(blocks)
+    assert q.min() >= codec.qmin and q.max() <= codec.qmax
+    assert np.array_equal(codec.pack(blocks, q), blocks)  # the layout round-trips bit for bit
+    np.testing.assert_array_equal(requant.grid_values(raw, qtype), ggml.dequantize(raw, qtype, rows.size))
+    same, refresh = requant.requantize_on_grid(raw, qtype, np.zeros(rows.size, np.float32))
+    assert np.array_equal(same, raw) and not refresh.any()
+    # a shift of exactly k steps moves every code by k (where the range allows): the grid is the base's
+    _, step, _ = codec.unpack(blocks)
+    moved, _ = requant.requantize_on_grid(raw, qtype, (step * 1.0).reshape(-1))
+    q2, _, _ = codec.unpack(moved.reshape(-1, codec.type_size))
+    inside = q < codec.qmax
+    assert np.array_equal(q2[inside], q[inside] + 1)
+
+
+def test_roundings_on_a_coarse_grid():
+    """A shift far below half a step: nearest erases it, dither keeps it on average, calibrated keeps its projection."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 1024)).astype(np.float32)
+    raw = ggml.quantize(w, QT.Q4_K)
+    base = ggml.dequantize(raw, QT.Q4_K, w.size)
+    shift = (0.02 * rng.standard_normal(w.size)).astype(np.float32)
+
+    def change(rounding: str) -> np.ndarray:
+        out, _ = requant.requantize_on_grid(raw, QT.Q4_K, shift, rounding, seed=1)
+        return ggml.dequantize(out, QT.Q4_K, w.size) - base
+
+    def kept(d: np.ndarray) -> float:
+        return float(d @ shift / (shift @ shift))
+
+    nearest, dither, calibrated = change("nearest"), change("dither"), change("calibrated")
+    assert abs(kept(nearest)) < 0.05
+    assert 0.9 < kept(dither) < 1.1
+    assert 0.9 < kept(calibrated) < 1.1
+    # for the same kept share, the calibrated threshold adds less error than dither
+    assert np.sum((calibrated - shift) ** 2) < np.sum((dither - shift) ** 2)
+    # reproducible, and monotone in λ: a larger λ moves no element back
+    assert np.array_equal(change("dither"), dither)
+    big, _ = requant.requantize_on_grid(raw, QT.Q4_K, 2 * shift, "dither", seed=1)
+    moved_small = dither != 0
+    assert np.all(np.sign(ggml.dequantize(big, QT.Q4_K, w.size) - base)[moved_small] == np.sign(dither[moved_small]))
+
+
+def test_calibrated_threshold_keeps_the_projection():
+    x = np.random.default_rng(1).normal(0, 0.07, 100_000)
+    w = np.ones_like(x)
+    t = requant.calibrate_threshold(x, w)
+    assert 0.01 < t < 0.5
+    moves = np.floor(np.abs(x) + 1 - t)
+    assert abs((moves * np.abs(x)).sum() / (x * x).sum() - 1) < 0.01
+    # a shift of several steps: round to nearest keeps almost all of it, the threshold stays near 0.5
+    assert requant.calibrate_threshold(np.random.default_rng(2).normal(0, 3, 10_000), np.ones(10_000)) > 0.45
+
+
+# --- importance matrices ---------------------------------------------------------------------------
+
+
+def write_legacy_imatrix(path, entries: dict[str, np.ndarray], ncall: int = 4, dataset: str = "wiki") -> None:
+    """llama.cpp's legacy imatrix.dat (common/imatrix-loader.cpp): values stored as sum/count*ncall."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", len(entries)))
+        for name, values in entries.items():
+            f.write(struct.pack("<i", len(name)) + name.encode())
+            f.write(struct.pack("<ii", ncall, values.size))
+            f.write((values * ncall).astype("<f4").tobytes())
+        f.write(struct.pack("<ii", 10, len(dataset)) + dataset.encode())
+
+
+def write_gguf_imatrix(path, entries: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """llama.cpp's GGUF imatrix: NAME.in_sum2 (n_expert x n_per_row) and NAME.counts (n_expert)."""
+    w = GGUFWriter(path, "imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["wiki"])
+    w.add_uint32("imatrix.chunk_count", 10)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name, (sums, counts) in entries.items():
+        w.add_tensor(name + ".in_sum2", sums.astype(np.float32))
+        w.add_tensor(name + ".counts", counts.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_imatrix_formats_are_normalized_like_llama_quantize(tmp_path):
+    vals = np.arange(1, 9, dtype=np.float32)
+    write_legacy_imatrix(tmp_path / "i.dat", {"blk.0.attn_q.weight": vals})
+    legacy = load_imatrix(tmp_path / "i.dat")
+    assert legacy.legacy and legacy.datasets == ["wiki"]
+    np.testing.assert_allclose(legacy.for_tensor("blk.0.attn_q.weight", (4, 8)), vals.reshape(1, 8))
+    sums = np.arange(16, dtype=np.float32).reshape(2, 8)
+    write_gguf_imatrix(tmp_path / "i.gguf", {"blk.0.ffn_up_exps.weight": (sums, np.array([4.0, 0.0]))})
+    g = load_imatrix(tmp_path / "i.gguf")
+    got = g.for_tensor("blk.0.ffn_up_exps.weight", (2, 3, 8))
+    np.testing.assert_allclose(got[0], sums[0] / 4)
+    np.testing.assert_allclose(got[1], np.ones(8))  # an expert never activated: 1, as llama-quantize does
+    assert g.for_tensor("missing.weight", (4, 8)) is None
+    with pytest.raises(CompatibilityError, match="imatrix made for this model"):
+        g.for_tensor("blk.0.ffn_up_exps.weight", (3, 3, 8))
+    (tmp_path / "bad.dat").write_bytes(b"\x05\x00\x00\x00garbage")
+    with pytest.raises(FormatError):
+        load_imatrix(tmp_path / "bad.dat")
+
+
+def test_imatrix_is_used_and_lifts_the_fallback(llama_pair, typed_bases, tmp_path):
+    base = typed_bases(QT.IQ2_XXS)
+    av = AlignmentVector(llama_pair.av)
+    rng = np.random.default_rng(5)
+    reader = GGUFReader(base)
+    imats = {
+        t.name: rng.uniform(0.5, 2.0, tensor_shape(t)[-1]).astype(np.float32)
+        for t in reader.tensors
+        if len(tensor_shape(t)) > 1
+    }
+    write_legacy_imatrix(tmp_path / "imatrix.dat", imats)
+    fallback = merge(base, {llama_pair.av: 0.5}, tmp_path / "fb.gguf", requant="same")
+    assert {w for b, w in fallback.touched.values() if b == QT.IQ2_XXS} == {QT.Q2_K}
+    out = merge(base, {llama_pair.av: 0.5}, tmp_path / "im.gguf", requant="same", imatrix=tmp_path / "imatrix.dat")
+    merged = GGUFReader(out.path)
+    checked = 0
+    for t in merged.tensors:
+        if t.name not in av.names or SLOW_ONLY not in t.name:
+            continue
+        assert t.tensor_type == QT.IQ2_XXS
+        target = _exact_target(reader, t.name, av, 0.5)
+        assert np.array_equal(tensor_bytes(merged, t), ggml.quantize(target, QT.IQ2_XXS, imats[t.name]))
+        checked += 1
+    assert checked and not [w for w in out.warnings if "importance matrix" in w]
+    # a K-quant with an imatrix: ggml's weighted quantization of the same sum, bit for bit
+    q4 = typed_bases(QT.Q4_K)
+    out = merge(q4, {llama_pair.av: 0.5}, tmp_path / "q4.gguf", requant="same", imatrix=tmp_path / "imatrix.dat")
+    t = next(t for t in GGUFReader(out.path).tensors if t.name == "blk.1.attn_q.weight")
+    target = _exact_target(GGUFReader(q4), t.name, av, 0.5)
+    assert np.array_equal(tensor_bytes(GGUFReader(out.path), t), ggml.quantize(target, QT.Q4_K, imats[t.name]))
+
+
+# --- shapes: stacked experts, float bases, split files ---------------------------------------------
+
+
+def test_stacked_expert_tensors_use_each_experts_importance(tmp_path):
+    """A 3-D (n_expert x rows x n_per_row) tensor: quantized per expert with that expert's imatrix row."""
+    rng = np.random.default_rng(7)
+    n_exp, rows, cols = 4, 32, 256
+    w = rng.standard_normal((n_exp, rows, cols)).astype(np.float32)
+    norm = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
+    base = tmp_path / "moe.gguf"
+    packed = ggml.quantize(w.reshape(-1, cols), QT.Q4_K)
+    gw = GGUFWriter(base, "llama")
+    gw.add_tensor_info("blk.0.ffn_up_exps.weight", (n_exp, rows, cols), np.dtype(np.float32), packed.nbytes, QT.Q4_K)
+    gw.add_tensor_info("blk.0.ffn_norm.weight", (cols,), np.dtype(np.float32), norm.nbytes)
+    gw.write_header_to_file()
+    gw.write_kv_data_to_file()
+    gw.write_ti_data_to_file()
+    gw.write_tensor_data(packed)
+    gw.write_tensor_data(norm)
+    gw.close()
+    reader = GGUFReader(base)
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_up_exps.weight")
+    shapes = [(t.name, tensor_shape(t)) for t in reader.tensors]
+    assert dict(shapes)["blk.0.ffn_up_exps.weight"] == (n_exp, rows, cols)
+    delta = (0.05 * rng.standard_normal((n_exp, rows, cols))).astype(np.float32)
+    info = AVInfo("llama", "moe", "", "", "base", "aligned", signature(shapes), "")
+    write_av(tmp_path / "moe.avec.gguf", "llama", [("blk.0.ffn_up_exps.weight", delta)], info)
+    imat = rng.uniform(0.1, 3.0, (n_exp, cols)).astype(np.float32)
+    write_gguf_imatrix(tmp_path / "moe.imatrix.gguf", {"blk.0.ffn_up_exps.weight": (imat * 5, np.full(n_exp, 5.0))})
+    out = merge(base, {tmp_path / "moe.avec.gguf": 1.0}, tmp_path / "m.gguf", imatrix=tmp_path / "moe.imatrix.gguf",
+                requant="same")  # fmt: skip
+    merged = GGUFReader(out.path)
+    mt = next(t for t in merged.tensors if t.name == "blk.0.ffn_up_exps.weight")
+    assert tensor_shape(mt) == (n_exp, rows, cols)
+    target = ggml.dequantize(tensor_bytes(reader, t), QT.Q4_K, t.n_elements).reshape(-1, cols) + delta.reshape(-1, cols)
+    want = np.concatenate([ggml.quantize(target[e * rows : (e + 1) * rows], QT.Q4_K, imat[e]) for e in range(n_exp)])
+    assert np.array_equal(tensor_bytes(merged, mt), want)
+    assert np.array_equal(ggml.quantize(target, QT.Q4_K, imat), want)  # the binding splits experts itself
+
+
+def test_float_bases_keep_their_types(llama_pair, typed_bases, tmp_path):
+    for qtype in (QT.F16, QT.BF16):
+        out = merge(typed_bases(qtype), {llama_pair.av: 1.0}, tmp_path / f"{qtype.name}.gguf")
+        types = {t.name: t.tensor_type for t in GGUFReader(out.path).tensors}
+        assert {types[n] for n, _ in out.touched.items() if not n.endswith("norm.weight")} == {qtype}
+        assert {types[n] for n in out.touched if n.endswith("norm.weight")} == {QT.F32}
+
+
+def test_split_base_reads_like_one_file(llama_pair, typed_bases, tmp_path):
+    single = typed_bases(QT.Q4_K)
+    first = tm.requantize_gguf(llama_pair.base_gguf, tmp_path / "split.gguf", QT.Q4_K, split_max_tensors=6)
+    assert first.name.endswith("-00001-of-00004.gguf")
+    a = merge(single, {llama_pair.av: 0.5}, tmp_path / "a.gguf", requant="same")
+    b = merge(first, {llama_pair.av: 0.5}, tmp_path / "b.gguf", requant="same")
+    ra, rb = GGUFReader(a.path), GGUFReader(b.path)
+    assert [t.name for t in ra.tensors] == [t.name for t in rb.tensors]
+    for ta, tb in zip(ra.tensors, rb.tensors, strict=True):
+        assert np.array_equal(tensor_bytes(ra, ta), tensor_bytes(rb, tb)), ta.name
+    assert field(rb, "split.count") is None  # the output is one file
+    np.testing.assert_allclose(tm.llama_logits(b.path, TOKENS), tm.llama_logits(a.path, TOKENS), atol=1e-5)
+    first.with_name(first.name.replace("00001-of", "00003-of")).unlink()
+    with pytest.raises(Exception, match="missing"):
+        merge(first, {llama_pair.av: 0.5}, tmp_path / "c.gguf")

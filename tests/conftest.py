@@ -82,3 +82,31 @@ def quantized_bases(llama_pair: Pair) -> dict[str, Path]:
         name: tm.quantize_gguf(llama_pair.base_gguf, llama_pair.root / f"base-{name}.gguf", f"MOSTLY_{name}")
         for name in ("Q8_0", "Q4_K_M")
     }
+
+
+@dataclass
+class LowRankPair:
+    """An aligned checkpoint of llama_pair's base whose Δ is low-rank plus noise, in both AV forms."""
+
+    aligned_state: dict
+    aligned_dir: Path
+    full_av: Path  # full form, F32
+    lowrank_av: Path  # low-rank form, rank 16
+    second_av: Path  # another low-rank vector (another fine-tune), rank 8
+
+
+@pytest.fixture(scope="session")
+def lowrank_pair(llama_pair: Pair, tmp_path_factory: pytest.TempPathFactory) -> LowRankPair:
+    from converters import convert
+
+    root = tmp_path_factory.mktemp("lowrank")
+    state = tm.lowrank_perturbed(llama_pair.base_model, 11, rank=8, scale=0.3, noise=0.3)
+    aligned_dir = tm.save(llama_pair.base_model, state, root / "aligned", llama_pair.base_dir / "tokenizer.model")
+    full = convert(llama_pair.base_dir, aligned_dir, root / "full.avec.gguf", name="medical", domain="medical").path
+    lowrank = root / "medical.r16.avec.gguf"
+    convert(llama_pair.base_dir, aligned_dir, lowrank, name="medical", domain="medical", rank=16)
+    state2 = tm.lowrank_perturbed(llama_pair.base_model, 12, rank=4, scale=0.2, noise=0.2, untouched=("layers.1",))
+    dir2 = tm.save(llama_pair.base_model, state2, root / "aligned2", llama_pair.base_dir / "tokenizer.model")
+    second = root / "legal.r8.avec.gguf"
+    convert(llama_pair.base_dir, dir2, second, name="legal", domain="legal", rank=8)
+    return LowRankPair(state, aligned_dir, full, lowrank, second)

@@ -188,3 +188,185 @@ def llama_logits(path: Path, tokens: list[int]) -> np.ndarray:
 def hf_logits(model, tokens: list[int]) -> np.ndarray:  # noqa: ANN001
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def lowrank_perturbed(  # noqa: ANN001 (model: a transformers model)
+    model, seed: int, rank: int = 16, scale: float = 0.3, noise: float = 0.5, untouched: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """A fine-tune stand-in whose Δ is genuinely low-rank-ish: for every matrix W, Δ = L + N.
+
+    L has rank ``rank`` (random orthonormal factors, singular values decaying as 1/√(i+1)) and
+    ‖L‖_F = scale·‖W‖_F; N is Gaussian noise with ‖N‖_F ≈ noise·scale·‖W‖_F. 1-D tensors (norms) move
+    by scale·std(w)·noise as in :func:`perturbed`, so the low-rank form has something to drop.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in model.state_dict().items():
+        if any(u in name for u in untouched):
+            out[name] = w.clone()
+            continue
+        if w.ndim != 2:
+            std = float(w.float().std()) if w.numel() > 1 else 1.0
+            out[name] = w + scale * std * torch.randn(w.shape, generator=g)
+            continue
+        m, n = w.shape
+        k = min(rank, m, n)
+        u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+        sigma = 1.0 / torch.sqrt(torch.arange(1, k + 1, dtype=torch.float32))
+        low = (u * sigma) @ v.T
+        low *= scale * float(w.norm()) / float(low.norm())
+        noise_part = torch.randn(w.shape, generator=g) * (noise * scale * float(w.norm()) / (m * n) ** 0.5)
+        out[name] = w + low + noise_part
+    return out
+
+
+# --- Other architectures, tied embeddings and a local Hugging Face cache (issue 4) ---
+
+ARCH_TIED = {
+    "MistralForCausalLM": False,
+    "MixtralForCausalLM": False,
+    "Qwen2ForCausalLM": True,  # like Qwen2.5-0.5B
+    "Qwen3ForCausalLM": False,
+    "Gemma2ForCausalLM": True,
+    "Gemma3ForCausalLM": True,
+    "Phi3ForCausalLM": False,
+}
+
+
+def arch_config(arch: str, hidden: int = 256, **overrides: object):  # noqa: ANN201
+    """A tiny config of one supported architecture: 2 layers, K-quant-friendly sizes (rows of 256, 512)."""
+    import transformers
+
+    kwargs: dict[str, object] = dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.05,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=ARCH_TIED[arch],
+    )
+    if arch.startswith("Gemma"):
+        kwargs.update(head_dim=hidden // 4, sliding_window=64, query_pre_attn_scalar=hidden // 4)
+    else:
+        kwargs.update(rms_norm_eps=1e-5)
+    if arch == "Qwen3ForCausalLM":
+        kwargs.update(head_dim=hidden // 4)
+    if arch == "MixtralForCausalLM":
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2)
+    if arch == "MistralForCausalLM":
+        kwargs.update(sliding_window=None)
+    kwargs.update(overrides)
+    name = {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(arch, arch.replace("ForCausalLM", "Config"))
+    return getattr(transformers, name)(**kwargs)
+
+
+def tie(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Make a perturbed state respect the model's tied embeddings (lm_head is embed_tokens)."""
+    if model.config.tie_word_embeddings and "lm_head.weight" in state:
+        state = dict(state)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def fill_hf_cache(cache: Path, repo_id: str, model_dir: Path, refs: tuple[str, ...] = ("main",)) -> str:
+    """Put a model directory into a Hugging Face hub cache (HF_HUB_CACHE layout) as one commit.
+
+    Files go to ``blobs/`` under their sha256 and are linked from ``snapshots/<commit>/``; every name
+    in ``refs`` (branches, tags) points at the commit, which is returned.
+    """
+    import hashlib
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    commit = hashlib.sha1("".join(f"{p.relative_to(model_dir)}:{p.stat().st_size}" for p in files).encode())
+    commit_id = hashlib.sha1(f"{repo_id}:{commit.hexdigest()}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit_id
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for p in files:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        blob = repo / "blobs" / digest
+        if not blob.exists():
+            shutil.copyfile(p, blob)
+        link = snapshot / p.relative_to(model_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit_id)
+    return commit_id
+
+
+def hf_to_gguf_all(src: Path, jobs: list[tuple[Path, Path]], outtype: str = "f32") -> list[Path]:
+    """``hf_to_gguf`` for several (model_dir, out) pairs, two converter processes at a time."""
+    env = dict(os.environ, PYTHONPATH=f"{src / 'gguf-py'}{os.pathsep}{src}", NO_LOCAL_GGUF="")
+    script = str(src / "convert_hf_to_gguf.py")
+    pending = list(jobs)
+    while pending:
+        batch, pending = pending[:2], pending[2:]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, script, str(d), "--outtype", outtype, "--outfile", str(o)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for d, o in batch
+        ]
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"llama.cpp converter failed:\n{err[-4000:]}")
+    return [o for _, o in jobs]
+
+
+# --- Bases of every ggml type, split bases (issue 3) ---
+
+
+def requantize_gguf(  # noqa: ANN001
+    src: Path, out: Path, qtype, imatrix: dict | None = None, split_max_tensors: int = 0, only: str = ""
+) -> Path:
+    """Write the F32 GGUF ``src`` with every matrix quantized to ``qtype`` by ggml (1-D tensors stay F32).
+
+    ``imatrix`` maps tensor names to importance vectors (types that need one get ones where it lacks an
+    entry). ``split_max_tensors`` > 0 writes a split model, ``NAME-0000k-of-0000N.gguf``, as gguf-split does.
+    ``only``: quantize just the matrices whose name contains it to ``qtype``, the others to Q8_0 (the
+    IQ1/IQ2 quantizers are slow).
+    """
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from alignvec_gguf import ggml
+    from alignvec_gguf.gguffile import tensor_shape
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(out, reader.get_field("general.architecture").contents(), split_max_tensors=split_max_tensors)
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub_type = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub_type)
+    for t in reader.tensors:
+        shape = tensor_shape(t)
+        data = np.asarray(t.data, dtype=np.float32).reshape(-1, shape[-1])
+        if len(shape) > 1 and ggml.can_quantize(qtype, shape[-1], has_imatrix=True):
+            qt = qtype if only in t.name else ggml.QT.Q8_0
+            imat = (imatrix or {}).get(t.name)
+            if imat is None and ggml.requires_imatrix(qt):
+                imat = np.ones(shape[-1], dtype=np.float32)
+            writer.add_tensor(t.name, ggml.quantize(data, qt, imat).reshape(data.shape[0], -1), raw_dtype=qt)
+        else:
+            writer.add_tensor(t.name, data.reshape(shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return writer.format_shard_names(out)[0]

@@ -19,15 +19,20 @@ from .errors import FormatError, InputError
 GENERATED_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
 
 
-def open_gguf(path: str | os.PathLike[str], what: str = "GGUF file") -> GGUFReader:
-    """Open a GGUF file read-only (memory-mapped) or raise a one-line error that names it."""
+def open_gguf(
+    path: str | os.PathLike[str], what: str = "GGUF file", reader_class: type[GGUFReader] = GGUFReader
+) -> GGUFReader:
+    """Open a GGUF file read-only (memory-mapped) or raise a one-line error that names it.
+
+    ``reader_class`` may be a faster subclass of gguf-py's reader (see :mod:`alignvec_gguf.split`).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} {path} does not exist")
     if not path.is_file():
         raise InputError(f"{what} {path} is not a file")
     try:
-        reader = GGUFReader(path, "r")
+        reader = reader_class(path, "r")
     except Exception as e:  # gguf-py raises ValueError, IndexError, struct errors... on bad bytes
         raise FormatError(f"{what} {path} is not a valid GGUF file ({e}); is it truncated or corrupt?") from e
     size = path.stat().st_size

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, ReaderField, ReaderTensor
 
 from .errors import FormatError, InputError
-from .gguffile import field, signature, tensor_bytes, tensor_shape
+from .gguffile import field, open_gguf, signature, tensor_bytes, tensor_shape
 
 
 class _PlainReader(GGUFReader):
@@ -43,23 +43,8 @@ class _PlainReader(GGUFReader):
 
 
 def _open(path: Path, what: str) -> GGUFReader:
-    """:func:`gguffile.open_gguf` with :class:`_PlainReader`: the same checks and one-line errors.
-
-    Keep the two in step (or give ``open_gguf`` a reader-class parameter and call it from here).
-    """
-    if not path.exists():
-        raise InputError(f"{what} {path} does not exist")
-    if not path.is_file():
-        raise InputError(f"{what} {path} is not a file")
-    try:
-        reader = _PlainReader(path, "r")
-    except Exception as e:  # gguf-py raises ValueError, IndexError, struct errors... on bad bytes
-        raise FormatError(f"{what} {path} is not a valid GGUF file ({e}); is it truncated or corrupt?") from e
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise FormatError(f"{what} {path} is truncated: tensor {t.name} ends past the end of the file")
-    return reader
+    """:func:`gguffile.open_gguf` with :class:`_PlainReader`: the same checks and one-line errors."""
+    return open_gguf(path, what, reader_class=_PlainReader)
 
 
 SPLIT_PATTERN = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")

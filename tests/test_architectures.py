@@ -65,24 +65,6 @@ class Case:
     av: Path
 
 
-def gguf_tensors(path: Path) -> dict[str, np.ndarray]:
-    return {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(path).tensors}
-
-
-def assert_layout_oracle(av_path: Path, base_gguf: Path, aligned_gguf: Path) -> None:
-    """Δ in the vector == llama.cpp's conversion of aligned − that of base, exactly, for every tensor."""
-    base, aligned = gguf_tensors(base_gguf), gguf_tensors(aligned_gguf)
-    av = AlignmentVector(av_path)
-    assert set(av.names) <= set(base)
-    for name in base:
-        expected = aligned[name] - base[name]
-        if name not in av.names:
-            assert not expected.any(), f"{name} changed but is missing from the vector"
-            continue
-        assert av.shape(name) == expected.shape, name
-        np.testing.assert_array_equal(av.delta(name), expected, err_msg=name)
-
-
 @pytest.fixture(scope="session", params=ARCHS)
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, llama_src: Path, tokenizer: Path):
     arch = request.param
@@ -107,7 +89,7 @@ def base_gap(case: Case) -> float:
 
 
 def test_delta_is_llama_cpp_layout(case: Case):
-    assert_layout_oracle(case.av, case.base_gguf, case.aligned_gguf)
+    tm.assert_layout_oracle(case.av, case.base_gguf, case.aligned_gguf)
     av = AlignmentVector(case.av)
     assert field(GGUFReader(case.av), "general.architecture") == GGUF_ARCH[case.arch]
     assert av.info.base_fingerprint.startswith("v2.") and len(av.info.base_fingerprint) == 64
@@ -128,8 +110,8 @@ def test_delta_is_llama_cpp_layout(case: Case):
 
 
 def test_lambda_one_reproduces_llama_cpp_conversion_of_aligned(case: Case, tmp_path: Path):
-    merged = gguf_tensors(merge(case.base_gguf, {case.av: 1.0}, tmp_path / "m.gguf").path)
-    aligned = gguf_tensors(case.aligned_gguf)
+    merged = tm.gguf_tensors(merge(case.base_gguf, {case.av: 1.0}, tmp_path / "m.gguf").path)
+    aligned = tm.gguf_tensors(case.aligned_gguf)
     assert merged.keys() == aligned.keys()
     for name, want in aligned.items():
         # b + (a − b) in float32 is a to within one rounding
@@ -175,10 +157,10 @@ def test_q4_k_m_merge_keeps_every_tensor_type(case: Case, tmp_path: Path):
 
 def test_tied_embeddings_stay_tied(case: Case, tmp_path: Path):
     if not tm.ARCH_TIED[case.arch]:
-        assert "output.weight" in gguf_tensors(case.base_gguf)
+        assert "output.weight" in tm.gguf_tensors(case.base_gguf)
         return
     av = AlignmentVector(case.av)
-    assert "output.weight" not in gguf_tensors(case.base_gguf)
+    assert "output.weight" not in tm.gguf_tensors(case.base_gguf)
     assert "token_embd.weight" in av.names and "output.weight" not in av.names
     merged = merge(case.base_gguf, {case.av: 0.5}, tmp_path / "m.gguf").path
     names = [t.name for t in GGUFReader(merged).tensors]
@@ -200,7 +182,7 @@ def test_gemma3_token_embd_is_cut_to_the_tokenizer_vocabulary(llama_src: Path, t
     ggufs = tm.hf_to_gguf_all(llama_src, [(d, tmp_path / f"{d.name}.gguf") for d in dirs])
     av = convert(dirs[0], dirs[1], tmp_path / "v.avec.gguf").path
     assert AlignmentVector(av).shape("token_embd.weight") == (tm.VOCAB, 256)
-    assert_layout_oracle(av, ggufs[0], ggufs[1])
+    tm.assert_layout_oracle(av, ggufs[0], ggufs[1])
 
 
 def test_gemma3_vocabulary_from_tokenizer_json(tmp_path: Path):
@@ -224,7 +206,7 @@ def test_float16_checkpoint_rounds_like_llama_cpp(llama_src: Path, tokenizer: Pa
     aligned_dir = tm.save(aligned_model.half(), None, tmp_path / "aligned", tokenizer)
     b, a = tm.hf_to_gguf_all(llama_src, [(d, tmp_path / f"{d.name}.gguf") for d in (base_dir, aligned_dir)])
     av = convert(base_dir, aligned_dir, tmp_path / "v.avec.gguf").path
-    assert_layout_oracle(av, b, a)
+    tm.assert_layout_oracle(av, b, a)
 
 
 def test_unsupported_architecture_is_refused_with_the_supported_list(llama_pair, tmp_path: Path, capsys):

@@ -16,25 +16,8 @@ from alignvec_gguf.gguffile import field, gguf_signature
 from converters import convert
 
 
-def gguf_tensors(path) -> dict[str, np.ndarray]:
-    return {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(path).tensors}
-
-
-def assert_layout_oracle(av_path, base_gguf, aligned_gguf, atol: float = 0.0) -> None:
-    base, aligned = gguf_tensors(base_gguf), gguf_tensors(aligned_gguf)
-    av = AlignmentVector(av_path)
-    assert set(av.names) <= set(base)
-    for name in base:
-        expected = aligned[name] - base[name]
-        if name not in av.names:
-            assert not expected.any(), f"{name} changed but is missing from the vector"
-            continue
-        assert av.shape(name) == expected.shape
-        np.testing.assert_allclose(av.delta(name), expected, rtol=0, atol=atol, err_msg=name)
-
-
 def test_delta_equals_llama_cpp_layout(llama_pair):
-    assert_layout_oracle(llama_pair.av, llama_pair.base_gguf, llama_pair.aligned_gguf)
+    tm.assert_layout_oracle(llama_pair.av, llama_pair.base_gguf, llama_pair.aligned_gguf)
     av = AlignmentVector(llama_pair.av)
     # untouched tensors are left out; q/k were permuted (the oracle would fail otherwise)
     assert "token_embd.weight" not in av.names and "blk.0.ffn_up.weight" not in av.names
@@ -84,7 +67,7 @@ def test_sharded_bf16_checkpoints(llama_pair, llama_src, tmp_path):
     out = convert(base_dir, aligned_dir, tmp_path / "bf16.avec.gguf")
     b = tm.hf_to_gguf(llama_src, base_dir, tmp_path / "b.gguf")
     a = tm.hf_to_gguf(llama_src, aligned_dir, tmp_path / "a.gguf")
-    assert_layout_oracle(out.path, b, a)
+    tm.assert_layout_oracle(out.path, b, a)
 
 
 def test_mistral_layout(llama_src, tokenizer, tmp_path):
@@ -95,7 +78,7 @@ def test_mistral_layout(llama_src, tokenizer, tmp_path):
     out = convert(base_dir, aligned_dir, tmp_path / "m.avec.gguf")
     b = tm.hf_to_gguf(llama_src, base_dir, tmp_path / "b.gguf")
     a = tm.hf_to_gguf(llama_src, aligned_dir, tmp_path / "a.gguf")
-    assert_layout_oracle(out.path, b, a)
+    tm.assert_layout_oracle(out.path, b, a)
     assert field(GGUFReader(out.path), "general.architecture") == "llama"
 
 

@@ -370,3 +370,25 @@ def requantize_gguf(  # noqa: ANN001
     writer.write_tensors_to_file()
     writer.close()
     return writer.format_shard_names(out)[0]
+
+
+def gguf_tensors(path: Path) -> dict[str, np.ndarray]:
+    from gguf import GGUFReader
+
+    return {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(path).tensors}
+
+
+def assert_layout_oracle(av_path: Path, base_gguf: Path, aligned_gguf: Path) -> None:
+    """Δ in the vector == llama.cpp's conversion of aligned − that of base, exactly, for every tensor."""
+    from alignvec_gguf.avfile import AlignmentVector
+
+    base, aligned = gguf_tensors(base_gguf), gguf_tensors(aligned_gguf)
+    av = AlignmentVector(av_path)
+    assert set(av.names) <= set(base)
+    for name in base:
+        expected = aligned[name] - base[name]
+        if name not in av.names:
+            assert not expected.any(), f"{name} changed but is missing from the vector"
+            continue
+        assert av.shape(name) == expected.shape, name
+        np.testing.assert_array_equal(av.delta(name), expected, err_msg=name)

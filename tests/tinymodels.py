@@ -73,26 +73,8 @@ def train_tokenizer(out_dir: Path) -> Path:
 
 
 def llama_config(arch: str = "LlamaForCausalLM", hidden: int = 256, **overrides: object):  # noqa: ANN201
-    from transformers import LlamaConfig, MistralConfig
-
-    kwargs: dict[str, object] = dict(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        initializer_range=0.05,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    if arch == "MistralForCausalLM":
-        return MistralConfig(sliding_window=None, **kwargs)
-    return LlamaConfig(**kwargs)
+    """A tiny Llama-family config (Llama or Mistral); see :func:`arch_config`."""
+    return arch_config(arch, hidden, **overrides)
 
 
 def make_model(config, seed: int):  # noqa: ANN001, ANN201
@@ -224,6 +206,7 @@ def lowrank_perturbed(  # noqa: ANN001 (model: a transformers model)
 # --- Other architectures, tied embeddings and a local Hugging Face cache (issue 4) ---
 
 ARCH_TIED = {
+    "LlamaForCausalLM": False,
     "MistralForCausalLM": False,
     "MixtralForCausalLM": False,
     "Qwen2ForCausalLM": True,  # like Qwen2.5-0.5B

@@ -77,10 +77,10 @@ class FidelityReport:
         raise KeyError(label)
 
     def table(self) -> str:
-        lines = [f"{'policy':10} {'kept':>7} {'cosine':>7} {'KL':>10} {'size':>7} {'merge s':>8}"]
+        lines = [f"{'policy':14} {'kept':>7} {'cosine':>7} {'KL':>10} {'size':>7} {'merge s':>8}"]
         for m in [*self.rows, *([self.anchor] if self.anchor else [])]:
             lines.append(
-                f"{m.label:10} {m.shift_kept:7.3f} {m.shift_cos:7.3f} {m.kl:10.3e} {m.size_ratio:6.2f}x"
+                f"{m.label:14} {m.shift_kept:7.3f} {m.shift_cos:7.3f} {m.kl:10.3e} {m.size_ratio:6.2f}x"
                 f" {m.seconds:8.2f}"
             )
         return "\n".join(lines)

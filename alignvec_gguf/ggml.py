@@ -104,6 +104,53 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+_CPU_NAMES = {"darwin": "libggml-cpu.dylib", "win32": "ggml-cpu.dll"}
+
+
+@cache
+def _cpu_lib() -> ctypes.CDLL | None:
+    """``libggml-cpu`` beside ``libggml-base``, for its SIMD F16/BF16 <-> F32 conversions; None if absent.
+
+    ggml-base's own row conversions are scalar (about 10x slower); builds that load CPU backends
+    dynamically (one library per CPU variant) have no plain ``libggml-cpu``, and then those are used.
+    """
+    path = _library_path().with_name(_CPU_NAMES.get(sys.platform, "libggml-cpu.so"))
+    try:
+        cpu = ctypes.CDLL(str(path))
+        cpu.ggml_cpu_init.argtypes = []
+        cpu.ggml_cpu_init.restype = None
+        for fn in ("ggml_cpu_fp16_to_fp32", "ggml_cpu_bf16_to_fp32", "ggml_cpu_fp32_to_fp16", "ggml_cpu_fp32_to_bf16"):
+            getattr(cpu, fn).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            getattr(cpu, fn).restype = None
+    except (OSError, AttributeError):
+        return None
+    cpu.ggml_cpu_init()  # fills the conversion tables the scalar tails use
+    return cpu
+
+
+def _convert(fn_name: str, src: np.ndarray, s_item: int, dst: np.ndarray, d_item: int, n: int) -> bool:
+    """Run a ggml-cpu row conversion over ``n`` values (``s_item`` -> ``d_item`` bytes each) in parallel slices.
+
+    Returns False, doing nothing, where there is no ggml-cpu library.
+    """
+    cpu = _cpu_lib()
+    if cpu is None:
+        return False
+    fn = getattr(cpu, fn_name)
+    slices = np.linspace(0, n, min(_threads(), max(1, n >> 22)) + 1, dtype=np.int64)
+
+    def run(i: int) -> None:
+        a, b = int(slices[i]), int(slices[i + 1])
+        fn(src.ctypes.data + a * s_item, dst.ctypes.data + a * d_item, b - a)
+
+    if len(slices) == 2:
+        run(0)
+    else:
+        with ThreadPoolExecutor(len(slices) - 1) as pool:
+            list(pool.map(run, range(len(slices) - 1)))
+    return True
+
+
 def lib() -> ctypes.CDLL:
     """The bound ``libggml-base`` (for the few callers that need ggml's GGUF and backend API)."""
     return _lib()
@@ -150,6 +197,10 @@ def can_quantize(qtype: QT, n_per_row: int, has_imatrix: bool = False) -> bool:
     )
 
 
+_FAST_TO_F32 = {QT.F16: "ggml_cpu_fp16_to_fp32", QT.BF16: "ggml_cpu_bf16_to_fp32"}
+_FAST_FROM_F32 = {QT.F16: "ggml_cpu_fp32_to_fp16", QT.BF16: "ggml_cpu_fp32_to_bf16"}
+
+
 def default_threads() -> int:
     """The cores this process may use."""
     return _threads()
@@ -167,6 +218,10 @@ def dequantize(data: np.ndarray, qtype: QT, n_elements: int) -> np.ndarray:
     info = type_info(qtype)
     if n_elements % info.block_size or src.nbytes != n_elements // info.block_size * info.type_size:
         raise CompatibilityError(f"{info.name}: {src.nbytes} bytes do not hold {n_elements} elements")
+    if qtype in _FAST_TO_F32:
+        out = np.empty(n_elements, dtype=np.float32)
+        if _convert(_FAST_TO_F32[qtype], src, 2, out, 4, n_elements):
+            return out
     fn = _to_float(qtype)
     if fn is None:
         raise CompatibilityError(f"ggml cannot dequantize type {info.name}")
@@ -210,6 +265,10 @@ def quantize(
             raise ValueError(f"imatrix must be (n_matrices, {n_per_row}) dividing {nrows} rows, got {imatrix.shape}")
         if not np.all(np.isfinite(imatrix)):
             raise CompatibilityError("the importance matrix has NaN or infinite values")
+    if qtype in _FAST_FROM_F32 and imatrix is None:
+        out = np.empty(rows.size * 2, dtype=np.uint8)
+        if _convert(_FAST_FROM_F32[qtype], rows, 4, out, 2, rows.size):
+            return out
     lib = _lib()
     lib.ggml_quantize_init(int(qtype))  # not thread-safe to race on first use: initialize once up front
     rsize = row_size(qtype, n_per_row)

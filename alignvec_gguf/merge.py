@@ -19,6 +19,7 @@ import logging
 import math
 import mmap
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -55,7 +56,8 @@ Vectors = Mapping[VectorRef, float]
 
 # The policies besides plain ggml type names, with what they do (shown by --help and in errors).
 POLICIES: dict[str, str] = {
-    "calibrated": "same size: the base's scales, rounding threshold set per tensor so the knob is kept whole",
+    "calibrated": "same size: the base's scales, rounding threshold per tensor keeps the knob within a noise budget "
+    "(calibrated:B sets the budget, default 0.1)",
     "same": "every tensor keeps the base's type; ggml requantizes (round to nearest): small deltas are erased",
     "grid": "like same on the base's own scales: same fidelity, several times faster on K-quants",
     "dither": "same size: the base's scales, unbiased random rounding (measured: calibrated is better)",
@@ -103,6 +105,7 @@ class Policy:
     name: str
     target: QT | None  # a fixed type for touched matrices; None: decided per tensor from the base type
     rounding: str = "ggml"  # "ggml": ggml's quantizer; else a rounding on the base's own grid (requant.py)
+    noise_budget: float | None = None  # calibrated rounding: see requant.calibrate_threshold
 
     def type_for(self, base_type: QT) -> QT:
         if self.target is not None:
@@ -123,6 +126,14 @@ def parse_requant(policy: str) -> Policy:
         return Policy(key, None, "nearest")
     if key in ("dither", "calibrated"):
         return Policy(key, None, key)
+    if key.startswith("calibrated:"):
+        try:
+            budget = float(key.partition(":")[2])
+        except ValueError:
+            budget = -1.0
+        if not budget >= 0.0:  # NaN fails too; "inf" keeps the whole projection whatever it costs
+            raise InputError(f"requant {policy!r}: the noise budget after 'calibrated:' must be a number ≥ 0, e.g. 0.1")
+        return Policy(key, None, "calibrated", budget)
     choices = sorted(t.name.lower() for t in ggml.QUANTIZABLE if t not in IMATRIX_FALLBACK)
     try:
         qtype: QT | None = QT[policy.upper()]
@@ -242,7 +253,8 @@ def _scaled_delta(av: AlignmentVector, name: str, lam: float, n_per_row: int) ->
     """λ·Δ as float32 rows, scaled in place when the decoded delta is our own copy (saves a tensor of memory)."""
     d = av.delta(name).reshape(-1, n_per_row)
     if _owned(d):
-        d *= np.float32(lam)
+        if lam != 1.0:
+            d *= np.float32(lam)
         return d
     return np.multiply(d, np.float32(lam), dtype=np.float32)
 
@@ -324,7 +336,9 @@ def run_job(job: _Job) -> tuple[np.ndarray, int]:
     shift = _shift(job)
     raw = t.raw()
     threads = job.threads or ggml.default_threads()
-    out, refresh = requantize_on_grid(raw, job.qtype, shift, job.rounding, seed_for(t.name), threads)
+    out, refresh = requantize_on_grid(
+        raw, job.qtype, shift, job.rounding, seed_for(t.name), threads, noise_budget=job.policy.noise_budget
+    )
     bad = np.flatnonzero(refresh)
     if bad.size:
         _refresh_blocks(job, raw, out, shift, bad)
@@ -414,6 +428,17 @@ def _f32_in_flight(pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, in
     return sum(4 * t.n_elements for t, f in pending if f is not None)
 
 
+def _patch(path: Path, limit: int, replacements: dict[str, str]) -> None:
+    """Overwrite each placeholder (unique, found once in the first ``limit`` bytes) with its same-length value."""
+    with open(path, "r+b") as f:
+        head = f.read(limit)
+        for old, new in replacements.items():
+            at = head.find(old.encode())
+            assert at >= 0 and len(old) == len(new) and head.find(old.encode(), at + 1) < 0, "header placeholder"
+            f.seek(at)
+            f.write(new.encode())
+
+
 def merge(
     base: str | os.PathLike[str],
     vectors: Vectors,
@@ -452,12 +477,18 @@ def merge(
     notes = plan.notes
     inputs = plan.inputs
 
+    # The vectors' sha256 go into the header, but hashing a big vector takes a second or more: it runs
+    # beside the merge, the header gets placeholders of the same length, and they are patched at the end.
+    placeholders = [secrets.token_hex(32) for _ in opened]
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="alignvec-sha256")
+    digests = hasher.submit(lambda: [av.sha256 for av, _ in opened])
+    hasher.shutdown(wait=False)
     with atomic_output(out) as tmp:
         writer = GGUFWriter(tmp, arch)
         try:
             _copy_metadata(model, writer)
             writer.add_array(K_MERGED_VECTORS, [av.info.name or av.path.name for av, _ in opened])
-            writer.add_array(K_MERGED_SHA256, [av.sha256 for av, _ in opened])
+            writer.add_array(K_MERGED_SHA256, placeholders)
             writer.add_key_value(
                 K_MERGED_LAMBDAS, [lam for _, lam in opened], GGUFValueType.ARRAY, GGUFValueType.FLOAT64
             )
@@ -469,6 +500,7 @@ def merge(
                 writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
+            kv_end = writer.fout[0].tell() if writer.fout else 0
             writer.write_ti_data_to_file()
             model.drop_metadata()
 
@@ -522,6 +554,7 @@ def merge(
         finally:
             writer.close()
             pages.release(inputs)
+        _patch(tmp, kv_end, dict(zip(placeholders, digests.result(), strict=True)))
 
     for note in sorted(notes):
         log.warning(note)

@@ -3,7 +3,7 @@
 A quantized block stores ``value = step · q + offset`` with small integers ``q`` and per-block (or
 per-sub-block) ``step`` and ``offset``. Dequantized base weights sit exactly on that grid, so
 ``dequant(W) + λΔ`` re-expressed on the same grid is ``q + λΔ / step``: nothing needs to be searched,
-only the integer part has to be chosen. Two roundings are offered:
+only the integer part has to be chosen. Three roundings are offered:
 
 - ``nearest``: ``q + round(λΔ/step)``. Like ggml's requantization, it erases every ``|λΔ|`` below half a
   step, but it is several times faster than ggml's scale search on K-quants.
@@ -11,6 +11,9 @@ only the integer part has to be chosen. Two roundings are offered:
   the tensor's name. The expected value is exactly ``dequant(W) + λΔ`` (unbiased), so the knob survives
   on average, at the cost of rounding noise. The same ``u`` is used for every λ, so a tensor moves
   monotonically with λ and λ = 0 gives the base back bit for bit.
+- ``calibrated``: the elements with the largest ``|λΔ|`` move by a whole step first, up to a rounding
+  threshold set per tensor (:func:`calibrate_threshold`): as much of the knob as a noise budget allows,
+  with the least added error for what it keeps.
 
 Codecs exist for the types in :data:`GRID_TYPES` (the legacy and K-quant families); the bit layouts
 follow ggml-common.h and are checked against ggml's own dequantizer in the tests.
@@ -31,6 +34,10 @@ from .errors import CompatibilityError
 ROUNDINGS = ("nearest", "dither", "calibrated")
 _SAMPLE = 1 << 18  # elements sampled to calibrate the rounding threshold of one tensor
 _MIN_THRESHOLD = 0.01
+# calibrated rounding adds at most this share of a tensor's own quantization noise beyond what round-to-nearest
+# adds: chosen with benchmarks/fidelity.py (README, 'Requantization and the knob')
+NOISE_BUDGET = 0.1
+_FAR = 1 << 12  # a shift of more steps than this leaves every grid: clipped to it before integer rounding
 _CHUNK_BLOCKS = 1 << 14  # blocks per numpy pass: bounds the temporaries to a few tens of MB
 
 
@@ -89,29 +96,32 @@ class Codec:
     type_size: int
     qmin: int
     qmax: int
-    # blocks (n, type_size) uint8 -> (q int16 (n, block), step f32 (n, block), offset f32 (n, block))
+    # blocks (n, type_size) uint8 -> (q integers (n, block), step f32 (n, G), offset f32 (n, G) or (n, 1)):
+    # the G groups of block // G consecutive elements share a step and an offset
     unpack: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
     # (blocks, q) -> new blocks with the same scales and the codes q
     pack: Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def _rep(x: np.ndarray, per: int) -> np.ndarray:
-    return np.repeat(x, per, axis=-1)
+def _zeros(n: int) -> np.ndarray:
+    return np.broadcast_to(np.float32(0), (n, 1))
+
+
+def per_element(a: np.ndarray, block_size: int) -> np.ndarray:
+    """A per-group array (n, G) from :attr:`Codec.unpack` repeated to one value per element (n, block)."""
+    return np.repeat(a, block_size // a.shape[1], axis=1) if a.shape[1] != block_size else a
 
 
 # --- legacy 32-element blocks -------------------------------------------------------------------
 
 
 def _unpack_q8_0(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = _f16(b, 0)
-    q = b[:, 2:].view(np.int8).astype(np.int16)
-    step = np.broadcast_to(d, q.shape)
-    return q, step, np.zeros_like(step)
+    return b[:, 2:].view(np.int8), _f16(b, 0), _zeros(b.shape[0])
 
 
 def _pack_q8_0(b: np.ndarray, q: np.ndarray) -> np.ndarray:
     out = b.copy()
-    out[:, 2:] = q.astype(np.int8).view(np.uint8)
+    out[:, 2:].view(np.int8)[...] = q
     return out
 
 
@@ -121,12 +131,8 @@ def _legacy(b: np.ndarray, head: int, with_min: bool, high_bit: bool) -> tuple[n
     if high_bit:
         qh = b[:, head : head + 4].copy().view(np.uint32).reshape(-1, 1)
         q |= (((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16)) << 4
-    step = np.broadcast_to(d, q.shape)
-    if with_min:
-        offset = np.broadcast_to(_f16(b, 2), q.shape)
-    else:
-        offset = np.broadcast_to(-d * (16 if high_bit else 8), q.shape)
-    return q, step, offset
+    offset = _f16(b, 2) if with_min else -d * (16 if high_bit else 8)
+    return q, d, offset
 
 
 def _pack_legacy(b: np.ndarray, q: np.ndarray, head: int, high_bit: bool) -> np.ndarray:
@@ -147,7 +153,7 @@ def _unpack_q4_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _k_scale_min(b[:, 4:16])
     q = _nibbles(b[:, 16:], 32).astype(np.int16)
-    return q, _rep(d * sc, 32), _rep(-(dmin * mn), 32)
+    return q, d * sc, -(dmin * mn)
 
 
 def _pack_q4_k(b: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -160,7 +166,7 @@ def _unpack_q5_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _k_scale_min(b[:, 4:16])
     q = _nibbles(b[:, 48:], 32).astype(np.int16) | (_bits(b[:, 16:48], 8, 32).astype(np.int16) << 4)
-    return q, _rep(d * sc, 32), _rep(-(dmin * mn), 32)
+    return q, d * sc, -(dmin * mn)
 
 
 def _pack_q5_k(b: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -176,8 +182,7 @@ def _unpack_q6_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     hi = _bits(b[:, 128:192], 4, 32).reshape(n, 2, 128)
     q = (lo.astype(np.int16) | (hi.astype(np.int16) << 4)).reshape(n, 256) - 32
     scales = b[:, 192:208].view(np.int8).astype(np.float32)
-    step = _rep(_f16(b, 208) * scales, 16)
-    return q, step, np.zeros_like(step)
+    return q, _f16(b, 208) * scales, _zeros(n)
 
 
 def _pack_q6_k(b: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -193,9 +198,7 @@ def _unpack_q2_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scales = b[:, :16]
     q = _bits(b[:, 16:80], 4, 32).astype(np.int16)
     d, dmin = _f16(b, 80), _f16(b, 82)
-    step = _rep(d * (scales & 0x0F).astype(np.float32), 16)
-    offset = _rep(-(dmin * (scales >> 4).astype(np.float32)), 16)
-    return q, step, offset
+    return q, d * (scales & 0x0F).astype(np.float32), -(dmin * (scales >> 4).astype(np.float32))
 
 
 def _pack_q2_k(b: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -215,8 +218,7 @@ def _unpack_q3_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     low = _bits(b[:, 32:96], 4, 32).astype(np.int16)
     high = _bits(b[:, :32], 8, 32).astype(np.int16)
     q = low - 4 * (1 - high)  # the high bit set means "no offset": codes -4..3
-    step = _rep(_f16(b, 108) * _q3_k_scales(b[:, 96:108]), 16)
-    return q, step, np.zeros_like(step)
+    return q, _f16(b, 108) * _q3_k_scales(b[:, 96:108]), _zeros(b.shape[0])
 
 
 def _pack_q3_k(b: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -250,7 +252,8 @@ def grid_values(raw: np.ndarray, qtype: QT) -> np.ndarray:
     codec = _codec(qtype)
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, codec.type_size)
     q, step, offset = codec.unpack(blocks)
-    return (step * q + offset).reshape(-1)
+    n, g = q.shape[0], step.shape[1]
+    return (q.reshape(n, g, -1) * step[:, :, None] + offset[:, :, None]).reshape(-1)
 
 
 def _codec(qtype: QT) -> Codec:
@@ -272,8 +275,16 @@ def _moves(a: np.ndarray, threshold: float) -> np.ndarray:
     return np.floor(a + (1.0 - threshold))
 
 
-def calibrate_threshold(x: np.ndarray, weight: np.ndarray) -> float:
-    """The rounding threshold t in (0, 0.5] at which the change keeps the whole shift, as a projection.
+def _bisect(f: Callable[[float], float], target: float, lo: float, hi: float) -> float:
+    """The t in [lo, hi] where the decreasing function f crosses ``target``."""
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) > target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def calibrate_threshold(x: np.ndarray, weight: np.ndarray, noise_budget: float | None = None) -> float:
+    """The rounding threshold t in (0, 0.5] that keeps the whole shift, as a projection, within a noise budget.
 
     ``x`` is the shift in steps and ``weight`` the squared step of each element. The change of an
     element is ``sign(x)·floor(|x| + 1 − t)`` steps; the projection of all changes onto the shift,
@@ -281,7 +292,14 @@ def calibrate_threshold(x: np.ndarray, weight: np.ndarray) -> float:
     on the grid, moving the elements with the largest ``|x|`` first (a threshold) keeps a given
     projection with the least added squared error; round-to-nearest (t = 0.5) is kept when it already
     keeps the whole projection (large shifts).
+
+    Every moved element adds error: the merged value's error against the exact ``W + shift`` is the
+    base's own rounding error (unknown, variance 1/12 step²) plus ``move − x``. ``noise_budget`` caps
+    the added mean ``(move − x)²`` at that fraction of 1/12 (default :data:`NOISE_BUDGET`); where the
+    whole projection would cost more, t rises until the cap is met (less of the knob, less noise),
+    but never above 0.5: round-to-nearest's own ``x²`` is always allowed.
     """
+    budget = NOISE_BUDGET if noise_budget is None else noise_budget
     a = np.abs(x).astype(np.float64)
     w = weight.astype(np.float64)
     want = float((w * a * a).sum())
@@ -291,25 +309,33 @@ def calibrate_threshold(x: np.ndarray, weight: np.ndarray) -> float:
     def kept(t: float) -> float:
         return float((w * _moves(a, t) * a).sum())
 
+    def noise(t: float) -> float:  # added error as a fraction of the base's rounding noise
+        return 12.0 * float((w * (_moves(a, t) - a) ** 2).sum()) / float(w.sum())
+
     if kept(0.5) >= want:
         return 0.5
-    if kept(_MIN_THRESHOLD) <= want:
-        return _MIN_THRESHOLD
-    lo, hi = _MIN_THRESHOLD, 0.5
-    for _ in range(20):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if kept(mid) > want else (lo, mid)
-    return 0.5 * (lo + hi)
+    t = _MIN_THRESHOLD if kept(_MIN_THRESHOLD) <= want else _bisect(kept, want, _MIN_THRESHOLD, 0.5)
+    cap = noise(0.5) + budget
+    if noise(t) > cap:
+        t = _bisect(noise, cap, t, 0.5)
+    return t
 
 
-def _sample_threshold(codec: Codec, blocks: np.ndarray, shift: np.ndarray) -> float:
+def _in_steps(codec: Codec, blocks: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, ``shift`` in steps of each element's group (0 where the step is 0), steps per group)."""
+    q, step, _ = codec.unpack(blocks)
+    n, g = step.shape
+    inv = np.zeros_like(step)
+    np.divide(np.float32(1), step, out=inv, where=step != 0)
+    x = np.multiply(shift.reshape(n, g, -1), inv[:, :, None], dtype=np.float32).reshape(n, -1)
+    return q, x, step
+
+
+def _sample_threshold(codec: Codec, blocks: np.ndarray, shift: np.ndarray, noise_budget: float | None) -> float:
     """Calibrate on an evenly spaced sample of blocks (the whole tensor when it is small)."""
     every = max(1, blocks.shape[0] * codec.block_size // _SAMPLE)
-    b = blocks[::every]
-    _, step, _ = codec.unpack(b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = np.where(step != 0, shift[::every] / step, np.float32(0))
-    return calibrate_threshold(x, step * step)
+    _, x, step = _in_steps(codec, blocks[::every], shift[::every])
+    return calibrate_threshold(x, per_element(step * step, codec.block_size), noise_budget)
 
 
 def nearest_keeps(raw: np.ndarray, qtype: QT, shift: np.ndarray) -> tuple[float, float]:
@@ -322,11 +348,9 @@ def nearest_keeps(raw: np.ndarray, qtype: QT, shift: np.ndarray) -> tuple[float,
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, codec.type_size)
     shift = np.ascontiguousarray(shift, dtype=np.float32).reshape(-1, codec.block_size)
     every = max(1, blocks.shape[0] * codec.block_size // _SAMPLE)
-    b, want = blocks[::every], shift[::every].astype(np.float64)
-    q, step, _ = codec.unpack(b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = np.where(step != 0, want / step, 0.0)
-    got = (np.clip(q + np.rint(x), codec.qmin, codec.qmax) - q) * step
+    want = shift[::every].astype(np.float64)
+    q, x, step = _in_steps(codec, blocks[::every], shift[::every])
+    got = (np.clip(q + np.rint(x), codec.qmin, codec.qmax) - q) * per_element(step, codec.block_size)
     ref = float((want * want).sum())
     if ref == 0.0:
         return 1.0, 1.0
@@ -336,7 +360,14 @@ def nearest_keeps(raw: np.ndarray, qtype: QT, shift: np.ndarray) -> tuple[float,
 
 
 def requantize_on_grid(
-    raw: np.ndarray, qtype: QT, shift: np.ndarray, rounding: str = "nearest", seed: int = 0, threads: int = 1
+    raw: np.ndarray,
+    qtype: QT,
+    shift: np.ndarray,
+    rounding: str = "nearest",
+    seed: int = 0,
+    threads: int = 1,
+    *,
+    noise_budget: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Add ``shift`` (float32, one value per element) to a quantized tensor on its own grid.
 
@@ -356,7 +387,7 @@ def requantize_on_grid(
         raise CompatibilityError(
             f"{qtype.name}: shift has {shift.size} elements but the tensor holds {blocks.shape[0] * codec.block_size}"
         )
-    threshold = _sample_threshold(codec, blocks, shift) if rounding == "calibrated" else 0.5
+    threshold = _sample_threshold(codec, blocks, shift, noise_budget) if rounding == "calibrated" else 0.5
     out = np.empty_like(blocks)
     refresh = np.zeros(blocks.shape[0], dtype=bool)
     step_blocks = max(1, _CHUNK_BLOCKS * 32 // codec.block_size)
@@ -364,18 +395,27 @@ def requantize_on_grid(
     def chunk(i: int) -> None:
         b0 = i * step_blocks
         b = blocks[b0 : b0 + step_blocks]
-        q, step, _ = codec.unpack(b)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x = np.where(step != 0, shift[b0 : b0 + len(b)] / step, np.float32(0))
+        q, x, _ = _in_steps(codec, b, shift[b0 : b0 + len(b)])
+        if x.size and max(-float(x.min()), float(x.max())) > _FAR:  # keeps the int16 moves below exact
+            np.clip(x, -_FAR, _FAR, out=x)
+        moves = np.empty(x.shape, dtype=np.int16)  # whole steps each code moves
         if rounding == "dither":  # one generator per chunk: the result does not depend on the threads
-            u = np.random.default_rng([seed, i]).random(x.shape, dtype=np.float32)
-            new = q + np.floor(x + u)
+            x += np.random.default_rng([seed, i]).random(x.shape, dtype=np.float32)
+            np.floor(x, out=moves, casting="unsafe")
         elif threshold == 0.5:
-            new = q + np.rint(x)
-        else:
-            new = q + np.sign(x) * _moves(np.abs(x), threshold)
-        refresh[b0 : b0 + len(b)] = ((new < codec.qmin - 1) | (new > codec.qmax + 1)).any(axis=1)
-        out[b0 : b0 + len(b)] = codec.pack(b, np.clip(new, codec.qmin, codec.qmax).astype(np.int16))
+            np.rint(x, out=moves, casting="unsafe")
+        else:  # sign(x)·floor(|x| + 1 − t)
+            a = np.abs(x)
+            a += np.float32(1.0 - threshold)
+            np.floor(a, out=a)
+            np.copysign(a, x, out=moves, casting="unsafe")
+        moves += q  # the new codes, still unclipped
+        outside = moves < codec.qmin - 1
+        outside |= moves > codec.qmax + 1
+        if outside.any():  # rare: reduce per block only then (reductions over short rows are slow)
+            refresh[b0 : b0 + len(b)] = outside.any(axis=1)
+        np.clip(moves, codec.qmin, codec.qmax, out=moves)
+        out[b0 : b0 + len(b)] = codec.pack(b, moves)
 
     n_chunks = -(-blocks.shape[0] // step_blocks)
     if threads > 1 and n_chunks > 1:  # numpy releases the GIL in these array operations

@@ -14,10 +14,12 @@ and for the anchor (the exact merged F32 model quantized from scratch at the bas
 Averaged over --seeds models. The last line is JSON: ``default_policy`` (the package default),
 ``q4km_default_kl_vs_anchor`` (the default's KL over the anchor's on Q4_K_M, worst λ),
 ``q4km_hifi_shift_kept`` / ``q4km_hifi_shift_cos`` (hifi at λ = 1, where the issue measured),
-``q4km_hifi_size_ratio`` and ``q4km_q8_size_ratio``, then every figure by base, λ and policy.
+``q4km_hifi_size_ratio`` and ``q4km_q8_size_ratio``, ``q4km_f32_touched_shift_cos`` (touched tensors in
+float32: the cosine no requantization of them can beat, since the base's own quantization error changes
+how Δ acts), then every figure by base, λ and policy.
 
-Usage: python benchmarks/fidelity.py [--seeds 3] [--scale 0.02]. Needs the test extras
-(pip install -e '.[convert,dev]').
+Usage: python benchmarks/fidelity.py [--seeds 3] [--scale 0.02] [--hidden 256] [--layers 2]
+[--policies a,b,...]; about 35 s per seed here. Needs the test extras (pip install -e '.[convert,dev]').
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ from alignvec_gguf.fidelity import fidelity  # noqa: E402
 from alignvec_gguf.merge import DEFAULT_POLICY  # noqa: E402
 from converters import convert  # noqa: E402
 
-POLICIES = ["same", "grid", "dither", "calibrated", "q5_k", "q6_k", "hifi", "q8_0"]
+POLICIES = ["same", "grid", "dither", "calibrated", "calibrated:inf", "q5_k", "q6_k", "hifi", "q8_0", "f32"]
 LAMBDAS = [0.3, 1.0]
 VARIANTS = ["Q4_K_M", "Q8_0"]
 
 
-def build(root: Path, seed: int, scale: float, src: Path, tok: Path) -> dict[str, Path]:
-    base = tm.make_model(tm.llama_config(), seed)
+def build(root: Path, seed: int, scale: float, src: Path, tok: Path, hidden: int, layers: int) -> dict[str, Path]:
+    base = tm.make_model(tm.llama_config(hidden=hidden, num_hidden_layers=layers), seed)
     # tm.perturbed moves each tensor by scale·std(w)·noise; mean |w| = std·√(2/π) for these Gaussian weights
     aligned = tm.perturbed(base, seed + 1000, scale=scale * math.sqrt(2 / math.pi))
     base_dir = tm.save(base, None, root / "base", tok)
@@ -64,17 +66,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="models to average over")
     parser.add_argument("--scale", type=float, default=0.02, help="Δ as a fraction of each tensor's mean |w|")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the tiny Llama (the issue's: 256)")
+    parser.add_argument("--layers", type=int, default=2, help="its layers")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated; the JSON needs the default")
     args = parser.parse_args()
+    policies = args.policies.split(",")
     tmp = tempfile.TemporaryDirectory(prefix="alignvec-fidelity-")
     root = Path(tmp.name)
     src = tm.llama_cpp_source(REPO / ".cache")
     tok = tm.train_tokenizer(root / "tok")
     sums: dict[tuple[str, float, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for seed in range(args.seeds):
-        paths = build(root / f"s{seed}", seed, args.scale, src, tok)
+        paths = build(root / f"s{seed}", seed, args.scale, src, tok, args.hidden, args.layers)
         for variant in VARIANTS:
             for lam in LAMBDAS:
-                r = fidelity(paths[variant], {paths["av"]: lam}, policies=POLICIES, full_base=paths["F32"], threads=2)
+                r = fidelity(paths[variant], {paths["av"]: lam}, policies=policies, full_base=paths["F32"], threads=2)
                 assert r.anchor is not None
                 for m in [*r.rows, r.anchor]:
                     d = sums[(variant, lam, m.label)]
@@ -86,31 +92,43 @@ def main() -> None:
     mean = {k: {f: float(np.mean(v)) for f, v in d.items()} for k, d in sums.items()}
 
     print(
-        f"tiny Llama (hidden 256), Δ = {args.scale:.0%} of mean |w|, {args.seeds} seeds; "
-        f"default policy {DEFAULT_POLICY}"
+        f"tiny Llama (hidden {args.hidden}, {args.layers} layers), Δ = {args.scale:.0%} of mean |w|, "
+        f"{args.seeds} seeds; default policy {DEFAULT_POLICY}"
     )
-    print(f"{'base':7} {'λ':>4} {'policy':10} {'kept':>6} {'cosine':>7} {'KL':>9} {'xanchor':>8} {'size':>6}")
+    print(f"{'base':7} {'λ':>4} {'policy':14} {'kept':>6} {'cosine':>7} {'KL':>9} {'xanchor':>8} {'size':>6}")
     for variant in VARIANTS:
         for lam in LAMBDAS:
-            for label in [*POLICIES, "anchor"]:
+            for label in [*policies, "anchor"]:
                 m = mean[(variant, lam, label)]
                 mark = " *" if label == DEFAULT_POLICY else ""
                 print(
-                    f"{variant:7} {lam:4.1f} {label:10} {m['kept']:6.3f} {m['cos']:7.3f} {m['kl']:9.2e} "
+                    f"{variant:7} {lam:4.1f} {label:14} {m['kept']:6.3f} {m['cos']:7.3f} {m['kl']:9.2e} "
                     f"{m['kl_vs_anchor']:8.2f} {m['size']:5.2f}x{mark}"
                 )
     q4 = "Q4_K_M"
+
+    def fig(lam: float, policy: str, key: str) -> float | None:  # None for a policy left out by --policies
+        m = mean.get((q4, lam, policy))
+        return None if m is None else round(m[key], 3)
+
+    def worst(policy: str, key: str) -> float | None:
+        values = [fig(lam, policy, key) for lam in LAMBDAS]
+        return None if None in values else max(v for v in values if v is not None)
+
     result = {
         "default_policy": DEFAULT_POLICY,
-        "q4km_default_kl_vs_anchor": round(max(mean[(q4, lam, DEFAULT_POLICY)]["kl_vs_anchor"] for lam in LAMBDAS), 3),
-        "q4km_hifi_shift_kept": round(mean[(q4, 1.0, "hifi")]["kept"], 3),
-        "q4km_hifi_shift_cos": round(mean[(q4, 1.0, "hifi")]["cos"], 3),
-        "q4km_hifi_size_ratio": round(mean[(q4, 1.0, "hifi")]["size"], 3),
-        "q4km_q8_size_ratio": round(mean[(q4, 1.0, "q8_0")]["size"], 3),
-        "q4km_default_shift_kept": {str(lam): round(mean[(q4, lam, DEFAULT_POLICY)]["kept"], 3) for lam in LAMBDAS},
-        "q4km_anchor_shift_kept": {str(lam): round(mean[(q4, lam, "anchor")]["kept"], 3) for lam in LAMBDAS},
-        "q4km_same_kl_vs_anchor": round(max(mean[(q4, lam, "same")]["kl_vs_anchor"] for lam in LAMBDAS), 3),
+        "q4km_default_kl_vs_anchor": worst(DEFAULT_POLICY, "kl_vs_anchor"),
+        "q4km_hifi_shift_kept": fig(1.0, "hifi", "kept"),
+        "q4km_hifi_shift_cos": fig(1.0, "hifi", "cos"),
+        "q4km_hifi_size_ratio": fig(1.0, "hifi", "size"),
+        "q4km_q8_size_ratio": fig(1.0, "q8_0", "size"),
+        "q4km_default_shift_kept": {str(lam): fig(lam, DEFAULT_POLICY, "kept") for lam in LAMBDAS},
+        "q4km_anchor_shift_kept": {str(lam): fig(lam, "anchor", "kept") for lam in LAMBDAS},
+        "q4km_same_kl_vs_anchor": worst("same", "kl_vs_anchor"),
+        "q4km_f32_touched_shift_cos": fig(1.0, "f32", "cos"),
         "seeds": args.seeds,
+        "hidden": args.hidden,
+        "layers": args.layers,
         "scale": args.scale,
         "figures": {f"{v}/{lam}/{p}": {k: round(x, 4) for k, x in mean[(v, lam, p)].items()} for v, lam, p in mean},
     }

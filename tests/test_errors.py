@@ -150,6 +150,9 @@ def test_output_over_base_is_refused(run_cli, llama_pair, base_copy):
 def test_bad_requant_and_usage(run_cli, llama_pair, base_copy, tmp_path):
     rc, err = run_cli("merge", base_copy, "-v", f"{llama_pair.av}=1", "-o", tmp_path / "o.gguf", "--requant", "q9")
     assert_one_line_error(rc, err, "unknown requant policy 'q9'")
+    for bad in ("calibrated:x", "calibrated:-1", "calibrated:nan"):
+        rc, err = run_cli("merge", base_copy, "-v", f"{llama_pair.av}=1", "-o", tmp_path / "o.gguf", "--requant", bad)
+        assert_one_line_error(rc, err, "noise budget")
     rc, err = run_cli("merge", base_copy)
     assert_one_line_error(rc, err, "required")
     rc, err = run_cli("frobnicate")

@@ -100,7 +100,7 @@ def test_grid_codecs_agree_with_ggml(qtype):
     assert np.array_equal(same, raw) and not refresh.any()
     # a shift of exactly k steps moves every code by k (where the range allows): the grid is the base's
     _, step, _ = codec.unpack(blocks)
-    moved, _ = requant.requantize_on_grid(raw, qtype, (step * 1.0).reshape(-1))
+    moved, _ = requant.requantize_on_grid(raw, qtype, requant.per_element(step, codec.block_size).reshape(-1))
     q2, _, _ = codec.unpack(moved.reshape(-1, codec.type_size))
     inside = q < codec.qmax
     assert np.array_equal(q2[inside], q[inside] + 1)
@@ -114,19 +114,28 @@ def test_roundings_on_a_coarse_grid():
     base = ggml.dequantize(raw, QT.Q4_K, w.size)
     shift = (0.02 * rng.standard_normal(w.size)).astype(np.float32)
 
-    def change(rounding: str) -> np.ndarray:
-        out, _ = requant.requantize_on_grid(raw, QT.Q4_K, shift, rounding, seed=1)
+    def change(rounding: str, budget: float | None = None) -> np.ndarray:
+        out, _ = requant.requantize_on_grid(raw, QT.Q4_K, shift, rounding, seed=1, noise_budget=budget)
         return ggml.dequantize(out, QT.Q4_K, w.size) - base
 
     def kept(d: np.ndarray) -> float:
         return float(d @ shift / (shift @ shift))
 
-    nearest, dither, calibrated = change("nearest"), change("dither"), change("calibrated")
+    nearest, dither, whole = change("nearest"), change("dither"), change("calibrated", np.inf)
     assert abs(kept(nearest)) < 0.05
     assert 0.9 < kept(dither) < 1.1
-    assert 0.9 < kept(calibrated) < 1.1
+    assert 0.9 < kept(whole) < 1.1
     # for the same kept share, the calibrated threshold adds less error than dither
-    assert np.sum((calibrated - shift) ** 2) < np.sum((dither - shift) ** 2)
+    assert np.sum((whole - shift) ** 2) < np.sum((dither - shift) ** 2)
+    # the default noise budget keeps part of the knob for less added error; a larger budget keeps more
+    step2 = float(np.mean(requant.per_element(requant.CODECS[QT.Q4_K].unpack(raw.reshape(-1, 144))[1], 256) ** 2))
+
+    def added_noise(d: np.ndarray) -> float:  # beyond round-to-nearest, as a share of the grid's noise step²/12
+        return float(np.mean((d - shift) ** 2) - np.mean((nearest - shift) ** 2)) / (step2 / 12)
+
+    default, wider = change("calibrated"), change("calibrated", 0.15)
+    assert 0.2 < kept(default) < kept(wider) < kept(whole)
+    assert added_noise(default) < 1.3 * requant.NOISE_BUDGET < added_noise(whole)
     # reproducible, and monotone in λ: a larger λ moves no element back
     assert np.array_equal(change("dither"), dither)
     big, _ = requant.requantize_on_grid(raw, QT.Q4_K, 2 * shift, "dither", seed=1)
@@ -134,13 +143,24 @@ def test_roundings_on_a_coarse_grid():
     assert np.all(np.sign(ggml.dequantize(big, QT.Q4_K, w.size) - base)[moved_small] == np.sign(dither[moved_small]))
 
 
-def test_calibrated_threshold_keeps_the_projection():
+def test_calibrated_threshold_keeps_the_projection_within_the_noise_budget():
     x = np.random.default_rng(1).normal(0, 0.07, 100_000)
     w = np.ones_like(x)
-    t = requant.calibrate_threshold(x, w)
+
+    def moves(t: float) -> np.ndarray:
+        return np.floor(np.abs(x) + 1 - t)
+
+    def added(t: float) -> float:  # noise beyond round-to-nearest, in units of the grid's 1/12
+        return 12 * float(np.mean((moves(t) - np.abs(x)) ** 2) - np.mean(np.minimum(x * x, (1 - np.abs(x)) ** 2)))
+
+    t = requant.calibrate_threshold(x, w, noise_budget=np.inf)
     assert 0.01 < t < 0.5
-    moves = np.floor(np.abs(x) + 1 - t)
-    assert abs((moves * np.abs(x)).sum() / (x * x).sum() - 1) < 0.01
+    assert abs((moves(t) * np.abs(x)).sum() / (x * x).sum() - 1) < 0.01  # the whole projection
+    assert added(t) > 0.1
+    for budget in (0.05, 0.1, 0.2):
+        tb = requant.calibrate_threshold(x, w, noise_budget=budget)
+        assert t < tb < 0.5
+        assert added(tb) == pytest.approx(budget, rel=0.05)
     # a shift of several steps: round to nearest keeps almost all of it, the threshold stays near 0.5
     assert requant.calibrate_threshold(np.random.default_rng(2).normal(0, 3, 10_000), np.ones(10_000)) > 0.45
 

@@ -53,3 +53,17 @@ def test_preconditions_are_checked_before_ggml_asserts():
         ggml.quantize(np.zeros((2, 256), dtype=np.float32), QT.IQ2_XXS)
     assert ggml.requires_imatrix(QT.IQ1_S) and not ggml.requires_imatrix(QT.Q4_K)
     assert not ggml.can_quantize(QT.Q4_K, 100) and ggml.can_quantize(QT.Q8_0, 128)
+
+
+@pytest.mark.parametrize("qtype", [QT.F16, QT.BF16], ids=lambda t: t.name)
+def test_fast_float_conversions_equal_ggml_base(qtype, monkeypatch):
+    """ggml-cpu's SIMD F16/BF16 conversions give the bytes and values of ggml-base's scalar rows."""
+    assert ggml._cpu_lib() is not None, "llama-cpp-python ships libggml-cpu beside libggml-base"
+    x = np.random.default_rng(0).standard_normal((300, 4096)).astype(np.float32)
+    x[0, :6] = [np.inf, -np.inf, np.nan, 1e-8, 65504, 7e4]  # specials, subnormal, F16's max and overflow
+    fast = ggml.quantize(x, qtype)
+    fast_back = ggml.dequantize(fast, qtype, x.size)
+    monkeypatch.setattr(ggml, "_cpu_lib", lambda: None)
+    assert np.array_equal(fast, ggml.quantize(x, qtype))
+    np.testing.assert_array_equal(fast_back, ggml.dequantize(fast, qtype, x.size))
+    np.testing.assert_array_equal(fast_back, np_dequantize(fast.reshape(300, -1), qtype).ravel())

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor
@@ -25,7 +26,7 @@ from gguf.quants import quantize as np_quantize
 
 from .atomic import atomic_output
 from .errors import FormatError
-from .gguffile import field, open_gguf, tensor_shape
+from .gguffile import INTEGER_TYPES, field, open_gguf, tensor_shape
 
 FORMAT_VERSION = 1
 ADAPTER_TYPE_FULL = "alignment_vector"
@@ -66,6 +67,16 @@ _REQUIRED: tuple[str, ...] = (
     K_BASE_FINGERPRINT,
     K_PRODUCER,
 )
+
+_FLOATS = frozenset({GGUFValueType.FLOAT32, GGUFValueType.FLOAT64})
+# What AlignmentVector._meta accepts for each kind of value: the value types (as gguf-py lists them) and a word.
+_KINDS: dict[str, tuple[frozenset[tuple[GGUFValueType, ...]], str]] = {
+    "str": (frozenset({(GGUFValueType.STRING,)}), "a string"),
+    "int": (frozenset((t,) for t in INTEGER_TYPES), "an integer"),
+    "float": (frozenset((t,) for t in INTEGER_TYPES | _FLOATS), "a number"),
+    "strs": (frozenset({(GGUFValueType.ARRAY, GGUFValueType.STRING)}), "an array of strings"),
+    "floats": (frozenset((GGUFValueType.ARRAY, t) for t in _FLOATS), "an array of floats"),
+}
 
 
 def producer() -> str:
@@ -286,10 +297,10 @@ class AlignmentVector:
         self.path = Path(path)
         reader = open_gguf(self.path, "alignment vector")
         self._reader: GGUFReader = reader
-        where = f"alignment vector {self.path}"
+        where = self._where = f"alignment vector {self.path}"
         if field(reader, "general.type") != "adapter" or field(reader, K_VERSION) is None:
             raise FormatError(f"{where} is a GGUF file but not an alignment vector (no {K_VERSION})")
-        version = field(reader, K_VERSION)
+        version = self._meta(K_VERSION, "int")
         if version != FORMAT_VERSION:
             raise FormatError(
                 f"{where} has format version {version}; this alignvec reads version {FORMAT_VERSION}: upgrade alignvec"
@@ -299,21 +310,22 @@ class AlignmentVector:
             raise FormatError(
                 f"{where} has adapter.type {adapter_type!r}, expected {ADAPTER_TYPE_FULL!r} or {ADAPTER_TYPE_LORA!r}"
             )
-        missing = [k for k in _REQUIRED if reader.get_field(k) is None]
+        keys = ("general.architecture", *_REQUIRED)
+        missing = [k for k in keys if reader.get_field(k) is None]
         if missing:
             raise FormatError(f"{where} lacks metadata {', '.join(missing)}; re-create it with alignvec convert")
-        arch = field(reader, "general.architecture")
+        text = {k: self._meta(k, "str") for k in keys}
         self.info = AVInfo(
-            architecture=str(arch),
-            name=field(reader, K_NAME),
-            description=field(reader, K_DESCRIPTION),
-            domain=field(reader, K_DOMAIN),
-            base_source=field(reader, K_BASE_SOURCE),
-            aligned_source=field(reader, K_ALIGNED_SOURCE),
-            base_signature=field(reader, K_BASE_SIGNATURE),
-            base_fingerprint=field(reader, K_BASE_FINGERPRINT),
-            form=field(reader, K_FORM),
-            producer=field(reader, K_PRODUCER),
+            architecture=text["general.architecture"],
+            name=text[K_NAME],
+            description=text[K_DESCRIPTION],
+            domain=text[K_DOMAIN],
+            base_source=text[K_BASE_SOURCE],
+            aligned_source=text[K_ALIGNED_SOURCE],
+            base_signature=text[K_BASE_SIGNATURE],
+            base_fingerprint=text[K_BASE_FINGERPRINT],
+            form=text[K_FORM],
+            producer=text[K_PRODUCER],
         )
         self._tensors: dict[str, ReaderTensor] = {}
         for t in reader.tensors:
@@ -331,20 +343,43 @@ class AlignmentVector:
         if adapter_type == ADAPTER_TYPE_LORA:
             self._read_lora(reader, where)
 
+    def _meta(self, key: str, kind: str, default: Any = None) -> Any:
+        """The value of ``key`` if it is of ``kind`` (a key of :data:`_KINDS`), ``default`` if absent.
+
+        A stranger's file may hold a string where a number belongs.
+        """
+        f = self._reader.get_field(key)
+        if f is None:
+            return default
+        accepted, expected = _KINDS[kind]
+        if tuple(f.types) not in accepted:
+            found = " of ".join(t.name for t in f.types)
+            raise FormatError(f"{self._where}: metadata {key} is {found}, expected {expected}")
+        return f.contents()
+
     def _read_lora(self, reader: GGUFReader, where: str) -> None:
         missing = [k for k in (K_LORA_ALPHA, K_LORA_REL_ERROR) if reader.get_field(k) is None]
         if missing:
             raise FormatError(f"{where} lacks metadata {', '.join(missing)}; re-create it with alignvec convert --rank")
-        self.alpha = float(field(reader, K_LORA_ALPHA))
-        dropped = tuple(field(reader, K_LORA_DROPPED) or ())
+        self.alpha = float(self._meta(K_LORA_ALPHA, "float"))
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):  # it scales every delta
+            raise FormatError(f"{where}: {K_LORA_ALPHA} is {self.alpha}, expected a finite number >= 0")
+        dropped = tuple(self._meta(K_LORA_DROPPED, "strs", ()))
+        norms = tuple(float(v) for v in self._meta(K_LORA_DROPPED_NORM, "floats", ()))
+        changes = tuple(float(v) for v in self._meta(K_LORA_DROPPED_REL_CHANGE, "floats", ()))
+        if (norms or changes) and not len(norms) == len(changes) == len(dropped):
+            raise FormatError(
+                f"{where}: {K_LORA_DROPPED} lists {len(dropped)} tensors, with {len(norms)} norms and "
+                f"{len(changes)} changes; re-create it with alignvec convert --rank"
+            )
         self.lora = LoraStats(
-            rank=int(field(reader, K_LORA_RANK, 0)),
-            energy=float(field(reader, K_LORA_ENERGY, 0.0)),
-            rel_error=float(field(reader, K_LORA_REL_ERROR)),
+            rank=int(self._meta(K_LORA_RANK, "int", 0)),
+            energy=float(self._meta(K_LORA_ENERGY, "float", 0.0)),
+            rel_error=float(self._meta(K_LORA_REL_ERROR, "float")),
             dropped=dropped,
-            dropped_norm=tuple(float(v) for v in field(reader, K_LORA_DROPPED_NORM) or ()),
-            dropped_rel_change=tuple(float(v) for v in field(reader, K_LORA_DROPPED_REL_CHANGE) or ()),
-            dropped_energy=float(field(reader, K_LORA_DROPPED_ENERGY, 0.0)),
+            dropped_norm=norms,
+            dropped_rel_change=changes,
+            dropped_energy=float(self._meta(K_LORA_DROPPED_ENERGY, "float", 0.0)),
         )
         halves: dict[str, dict[str, ReaderTensor]] = {}
         for tname, t in self._tensors.items():
@@ -357,10 +392,11 @@ class AlignmentVector:
                 lacking = LORA_B if LORA_A in half else LORA_A
                 raise FormatError(f"{where}: {name} has no {name}{lacking}; the file is incomplete, re-create it")
             a, b = tensor_shape(half[LORA_A]), tensor_shape(half[LORA_B])
-            flipped = is_embedding(name) and len(a) == 2
-            rank_a, rank_b = (a[-1], b[-1]) if flipped else (a[-2], b[-1])
-            if len(a) != len(b) or len(a) < 2 or rank_a != rank_b or a[:-2] != b[:-2]:
+            if len(a) != len(b) or len(a) < 2 or a[:-2] != b[:-2]:
                 raise FormatError(f"{where}: {name} has lora_a {a} and lora_b {b}, which are not a rank-r pair")
+            flipped = is_embedding(name) and len(a) == 2
+            if (a[-1] if flipped else a[-2]) != b[-1]:
+                raise FormatError(f"{where}: {name} has lora_a {a} and lora_b {b}, whose ranks differ")
             self._pairs[name] = (half[LORA_A], half[LORA_B])
 
     def __repr__(self) -> str:
@@ -398,7 +434,8 @@ class AlignmentVector:
         return tensor_shape(self._pairs[name][1])[-1]
 
     def _read(self, t: ReaderTensor, name: str) -> np.ndarray:
-        data = np_dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32, copy=False)
+        with np.errstate(invalid="ignore", over="ignore"):  # a bad value is reported below, in one line
+            data = np_dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32, copy=False)
         data = data.reshape(tensor_shape(t))
         if not np.all(np.isfinite(data)):
             raise FormatError(f"alignment vector {self.path}: tensor {name} has NaN or infinite values")
@@ -424,7 +461,11 @@ class AlignmentVector:
             return self._read(self._tensors[name], name)
         a, b = self.factors(name)
         scale = self.alpha / self.rank(name) if self.alpha else 1.0  # llama.cpp's llama_adapter_lora_weight::get_scale
-        return (np.matmul(b, a) * np.float32(scale)).astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            delta = (np.matmul(b, a) * np.float32(scale)).astype(np.float32, copy=False)
+        if not np.all(np.isfinite(delta)):  # finite factors can still overflow float32 when multiplied
+            raise FormatError(f"alignment vector {self.path}: the low-rank delta of {name} overflows float32")
+        return delta
 
     def check_finite(self) -> None:
         """Raise if any stored tensor holds NaN or infinity (reads every tensor once)."""

@@ -10,13 +10,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 
 from .errors import FormatError, InputError
+from .ggufcheck import check_gguf
 
 # Tensors that llama.cpp's converter generates from the config rather than from checkpoint
 # weights; they are not part of the signature because an AV can never touch them.
 GENERATED_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
+# Metadata value types that hold an integer (for checking a stranger's metadata before use).
+INTEGER_TYPES = frozenset(
+    {
+        GGUFValueType.UINT8,
+        GGUFValueType.INT8,
+        GGUFValueType.UINT16,
+        GGUFValueType.INT16,
+        GGUFValueType.UINT32,
+        GGUFValueType.INT32,
+        GGUFValueType.UINT64,
+        GGUFValueType.INT64,
+    }
+)
 
 
 def open_gguf(
@@ -24,6 +38,8 @@ def open_gguf(
 ) -> GGUFReader:
     """Open a GGUF file read-only (memory-mapped) or raise a one-line error that names it.
 
+    The header is checked first by :func:`ggufcheck.check_gguf` (bounded work, no memory map), so
+    gguf-py only ever parses a file whose counts, lengths, types and offsets are sound.
     ``reader_class`` may be a faster subclass of gguf-py's reader (see :mod:`alignvec_gguf.split`).
     """
     path = Path(path)
@@ -31,14 +47,18 @@ def open_gguf(
         raise InputError(f"{what} {path} does not exist")
     if not path.is_file():
         raise InputError(f"{what} {path} is not a file")
+    header = check_gguf(path, what)
     try:
         reader = reader_class(path, "r")
-    except Exception as e:  # gguf-py raises ValueError, IndexError, struct errors... on bad bytes
+    except Exception as e:  # the check should leave gguf-py nothing to trip on; if it does, still one line
         raise FormatError(f"{what} {path} is not a valid GGUF file ({e}); is it truncated or corrupt?") from e
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise FormatError(f"{what} {path} is truncated: tensor {t.name} ends past the end of the file")
+    # The file may have changed between the check and the map (it is a stranger's file, possibly
+    # being written): the reader must see what was checked.
+    if len(reader.tensors) != len(header.tensors) or any(
+        t.name != h.name or t.data_offset != h.offset or t.data.nbytes != h.nbytes
+        for t, h in zip(reader.tensors, header.tensors, strict=True)
+    ):
+        raise FormatError(f"{what} {path} changed while it was being read; open it again once it is complete")
     return reader
 
 

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, ReaderField, ReaderTensor
 
 from .errors import FormatError, InputError
-from .gguffile import field, open_gguf, signature, tensor_bytes, tensor_shape
+from .gguffile import INTEGER_TYPES, field, open_gguf, signature, tensor_bytes, tensor_shape
 
 
 class _PlainReader(GGUFReader):
@@ -61,6 +61,17 @@ def shard_paths(path: str | os.PathLike[str]) -> list[Path]:
     if count < 1:
         raise InputError(f"{path.name}: a split model has at least one shard")
     return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def _split_field(reader: GGUFReader, key: str, what: str, path: Path) -> int | None:
+    """An integer ``split.*`` key, None if absent; a stranger's shard may hold anything there."""
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    if len(f.types) != 1 or f.types[0] not in INTEGER_TYPES:
+        found = " of ".join(t.name for t in f.types)
+        raise FormatError(f"{what} {path.name}: {key} is {found}, expected an integer; the shard is corrupt")
+    return int(f.contents())
 
 
 @dataclass(frozen=True)
@@ -116,14 +127,14 @@ class GGUFModel:
             )
         self.readers = [_open(p, what) for p in self.paths]
         first = self.readers[0]
-        count = field(first, "split.count")
+        count = _split_field(first, "split.count", what, self.paths[0])
         if count is not None and int(count) != len(self.paths):
             raise FormatError(
                 f"{what} {self.paths[0].name} says split.count = {count} but {len(self.paths)} shard(s) were found; "
                 "name shards NAME-00001-of-0000N.gguf as llama.cpp's gguf-split does"
             )
         for i, reader in enumerate(self.readers):
-            no = field(reader, "split.no")
+            no = _split_field(reader, "split.no", what, self.paths[i])
             if len(self.readers) > 1 and (no is None or int(no) != i):
                 raise FormatError(
                     f"{what} shard {self.paths[i].name} has split.no = {no}, expected {i}: the shards do not match"
@@ -135,7 +146,7 @@ class GGUFModel:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise FormatError(f"{what} {self.path.name}: tensor {dup} appears twice; is a shard given twice?")
-        total = field(first, "split.tensors.count")
+        total = _split_field(first, "split.tensors.count", what, self.paths[0])
         if total is not None and int(total) != len(self.tensors):
             raise FormatError(
                 f"{what} {self.path.name}: split.tensors.count = {total} but the shards hold {len(self.tensors)}"

@@ -22,7 +22,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
@@ -67,6 +67,17 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class KeyValue:
+    """Where one metadata item lies: the whole record (key, type, value) is ``[start, end)``."""
+
+    key: str
+    vtype: GGUFValueType
+    start: int
+    value_start: int  # the value itself (after the key and its type)
+    end: int
+
+
+@dataclass(frozen=True)
 class Header:
     """What the check found: enough to tell where each section of the file lies."""
 
@@ -75,6 +86,7 @@ class Header:
     alignment: int
     data_offset: int  # where the tensor data section starts
     tensors: tuple[TensorInfo, ...]
+    kv: tuple[KeyValue, ...] = ()
 
 
 class _NotGGUF(Exception):
@@ -219,6 +231,7 @@ def _walk(f: BinaryIO, size: int) -> Header:
 
     alignment = GGUF_DEFAULT_ALIGNMENT
     keys: set[str] = set()
+    kvs: list[KeyValue] = []
     for i in range(n_kv):
         start = w.pos
         key = w.name(f"key {i}", MAX_KEY)
@@ -228,7 +241,9 @@ def _walk(f: BinaryIO, size: int) -> Header:
             raise _Corrupt(f"key {key} at byte {start} is reserved")
         keys.add(key)
         vtype = _value_type(w.u32(f"type of {key}"), f"key {key} at byte {start}")
+        value_start = w.pos
         value = w.value(vtype, key)
+        kvs.append(KeyValue(key, vtype, start, value_start, w.pos))
         if key == "general.alignment":
             if vtype != GGUFValueType.UINT32 or value is None:
                 raise _Corrupt(f"general.alignment is a {vtype.name}, not a UINT32")
@@ -259,7 +274,7 @@ def _walk(f: BinaryIO, size: int) -> Header:
         if t.offset < end:
             raise _Corrupt(f"the data of tensor {t.name} overlaps the tensor before it")
         end = t.offset + t.nbytes
-    return Header(int(version), int(n_kv), alignment, data_offset, tensors)
+    return Header(int(version), int(n_kv), alignment, data_offset, tensors, tuple(kvs))
 
 
 def _place(info: _RawInfo, data_offset: int, alignment: int, size: int) -> TensorInfo:
@@ -301,3 +316,38 @@ def check_gguf(path: str | os.PathLike[str], what: str = "GGUF file") -> Header:
         raise FormatError(f"{what} {path} is truncated: {e}; re-download or re-create it") from None
     except _Corrupt as e:
         raise FormatError(f"{what} {path} is corrupt: {e}; re-download or re-create it") from None
+
+
+def decode_value(data: bytes | memoryview, vtype: GGUFValueType) -> Any:
+    """The value of one metadata item from its bytes (``KeyValue.value_start`` to ``end`` of a checked file).
+
+    Scalars as Python numbers (bools as bool), strings as str, arrays as lists; the bytes were checked
+    by :func:`check_gguf`, so lengths and types are sound. Decoding one item at a time, when asked,
+    is what makes opening a model with a 262k-token vocabulary cost a header walk instead of gguf-py's
+    eager parse of every item (15 s there).
+    """
+    value, _ = _decode(memoryview(data), 0, vtype)
+    return value
+
+
+def _decode(buf: memoryview, pos: int, vtype: GGUFValueType) -> tuple[Any, int]:
+    fmt = _SCALARS.get(vtype)
+    if fmt is not None:
+        (value,) = struct.unpack_from("<" + fmt, buf, pos)
+        return (bool(value) if vtype == GGUFValueType.BOOL else value), pos + struct.calcsize(fmt)
+    if vtype == GGUFValueType.STRING:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        return bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8"), pos + 8 + n
+    itype, n = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    item = GGUFValueType(itype)
+    fmt = _SCALARS.get(item)
+    if fmt is not None:
+        size = struct.calcsize(fmt)
+        items = list(struct.unpack_from(f"<{n}{fmt}", buf, pos))
+        return ([bool(v) for v in items] if item == GGUFValueType.BOOL else items), pos + n * size
+    out = []
+    for _ in range(n):
+        value, pos = _decode(buf, pos, item)
+        out.append(value)
+    return out, pos

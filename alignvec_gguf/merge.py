@@ -29,19 +29,22 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFReader
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
 from . import ggml, pages
 from .atomic import atomic_output
 from .avfile import AlignmentVector
-from .errors import CompatibilityError, InputError
+from .errors import CompatibilityError, FormatError, InputError
 from .gguffile import (
     GENERATED_TENSORS,
     Fingerprint,
+    GGUFStreamWriter,
+    TensorSlot,
     check_fingerprint,
     gguf_signature,
+    pack_kv,
     tensor_shape,
 )
 from .gguffile import field as gguf_field
@@ -88,6 +91,7 @@ COARSE_TYPES = frozenset(
 # hifi keeps a tensor's base type where round-to-nearest on its grid keeps this much of Δ (weight space)
 HIFI_MIN_KEPT = 0.95
 HIFI_MIN_COS = 0.95
+LAMBDA_MAX = 1e30  # float32 arithmetic: λ·Δ must stay far from its 3.4e38 limit
 MAX_IN_FLIGHT = 2  # touched tensors worked on at once: one being quantized, one being prepared
 _RELEASE_EVERY = 64 << 20  # bytes streamed between two drops of the inputs' resident pages
 
@@ -190,6 +194,8 @@ def open_vectors(vectors: Vectors) -> list[tuple[AlignmentVector, float]]:
         av = ref if isinstance(ref, AlignmentVector) else AlignmentVector(ref)
         if isinstance(lam, bool) or not isinstance(lam, (int, float, np.floating)) or not math.isfinite(lam):
             raise InputError(f"λ for {av.path} must be a finite number, got {lam!r}")
+        if abs(lam) > LAMBDA_MAX:
+            raise InputError(f"λ for {av.path} is {lam!r}; the merge computes in float32, keep |λ| ≤ {LAMBDA_MAX:g}")
         out.append((av, float(lam)))
     return out
 
@@ -223,16 +229,11 @@ def check_compatible(reader: GGUFReader | GGUFModel, base: Path, vectors: list[t
             )
 
 
-def _copy_metadata(model: GGUFModel, writer: GGUFWriter) -> None:
-    for f in model.fields.values():
-        if f.name.startswith(("GGUF.", "alignvec.merged.")) or f.name == "general.architecture" or f.name in SPLIT_KEYS:
-            continue
-        vtype = f.types[0]
-        sub_type = f.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub_type)
-    alignment = model.field("general.alignment")
-    if alignment is not None:
-        writer.data_alignment = int(alignment)
+def _merged_metadata(model: GGUFModel, extra: list[bytes]) -> tuple[int, bytes]:
+    """The base's metadata as stored (less split keys and an earlier merge's record), then ``extra`` items."""
+    leave_out = {*SPLIT_KEYS, *(k for k in model.keys() if k.startswith("alignvec.merged."))}
+    n, raw = model.raw_metadata(leave_out)
+    return n + len(extra), raw + b"".join(extra)
 
 
 @dataclass(frozen=True)
@@ -250,13 +251,17 @@ class _Job:
 
 
 def _scaled_delta(av: AlignmentVector, name: str, lam: float, n_per_row: int) -> np.ndarray:
-    """λ·Δ as float32 rows, scaled in place when the decoded delta is our own copy (saves a tensor of memory)."""
+    """λ·Δ as float32 rows, scaled in place when the decoded delta is our own copy (saves a tensor of memory).
+
+    An overflow to infinity is not warned about here: the caller reports it (``_check_finite``).
+    """
     d = av.delta(name).reshape(-1, n_per_row)
-    if _owned(d):
-        if lam != 1.0:
-            d *= np.float32(lam)
-        return d
-    return np.multiply(d, np.float32(lam), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if _owned(d):
+            if lam != 1.0:
+                d *= np.float32(lam)
+            return d
+        return np.multiply(d, np.float32(lam), dtype=np.float32)
 
 
 def _owned(a: np.ndarray) -> bool:
@@ -280,12 +285,21 @@ def _shift(job: _Job) -> np.ndarray:
         if out is None:
             out = _scaled_delta(av, t.name, lam, n_per_row)
         else:
-            out += _scaled_delta(av, t.name, lam, n_per_row)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported below
+                out += _scaled_delta(av, t.name, lam, n_per_row)
     assert out is not None
     if job.full is not None:
         out += ggml.dequantize(job.full.raw(), job.full.tensor_type, t.n_elements).reshape(-1, n_per_row)
         out -= ggml.dequantize(t.raw(), t.tensor_type, t.n_elements).reshape(-1, n_per_row)
+    _check_finite(out, t.name, "the change Σ λ·Δ")
     return out
+
+
+def _check_finite(values: np.ndarray, name: str, what: str) -> None:
+    if not np.isfinite(values).all():
+        raise FormatError(
+            f"tensor {name}: {what} holds NaN or infinity (a corrupt base, or λ·Δ beyond float32); nothing was written"
+        )
 
 
 def _merged_rows(job: _Job) -> np.ndarray:
@@ -295,7 +309,9 @@ def _merged_rows(job: _Job) -> np.ndarray:
     src = job.full if job.full is not None else t
     w = ggml.dequantize(src.raw(), src.tensor_type, t.n_elements).reshape(-1, n_per_row)
     for av, lam in job.parts:
-        w += _scaled_delta(av, t.name, lam, n_per_row)
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below
+            w += _scaled_delta(av, t.name, lam, n_per_row)
+    _check_finite(w, t.name, "the merged tensor")
     return w
 
 
@@ -336,9 +352,12 @@ def run_job(job: _Job) -> tuple[np.ndarray, int]:
     shift = _shift(job)
     raw = t.raw()
     threads = job.threads or ggml.default_threads()
-    out, refresh = requantize_on_grid(
-        raw, job.qtype, shift, job.rounding, seed_for(t.name), threads, noise_budget=job.policy.noise_budget
-    )
+    try:
+        out, refresh = requantize_on_grid(
+            raw, job.qtype, shift, job.rounding, seed_for(t.name), threads, noise_budget=job.policy.noise_budget
+        )
+    except FormatError as e:
+        raise FormatError(f"base model tensor {t.name}: {e}") from e
     bad = np.flatnonzero(refresh)
     if bad.size:
         _refresh_blocks(job, raw, out, shift, bad)
@@ -467,7 +486,7 @@ def merge(
     base = Path(base)
     out = Path(out)
     plan = MergePlan(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, threads=threads)
-    model, opened, policy, jobs, arch = plan.model, plan.vectors, plan.policy, plan.jobs, plan.arch
+    model, opened, policy, jobs = plan.model, plan.vectors, plan.policy, plan.jobs
     reader: Any = model  # gguffile.check_fingerprint reads .tensors (name, tensor_type, data) of any shard set
     if out.exists() and any(os.path.samefile(out, p) for p in model.paths):
         raise InputError(f"output {out} is the base model; the base is never overwritten, choose another path")
@@ -483,76 +502,75 @@ def merge(
     hasher = ThreadPoolExecutor(1, thread_name_prefix="alignvec-sha256")
     digests = hasher.submit(lambda: [av.sha256 for av, _ in opened])
     hasher.shutdown(wait=False)
+    extra = [
+        pack_kv(K_MERGED_VECTORS, [av.info.name or av.path.name for av, _ in opened]),
+        pack_kv(K_MERGED_SHA256, placeholders),
+        pack_kv(K_MERGED_LAMBDAS, [float(lam) for _, lam in opened]),
+        pack_kv(K_MERGED_REQUANT, requant.lower()),
+        pack_kv(K_MERGED_BASE, base.name),
+    ]
+    n_kv, kv = _merged_metadata(model, extra)
+    slots = []
+    for t in model.tensors:
+        qtype = jobs[t.name].qtype if t.name in jobs else t.tensor_type
+        nbytes = ggml.row_size(qtype, t.shape[-1]) * (t.n_elements // t.shape[-1])
+        slots.append(TensorSlot(t.name, t.shape, qtype, nbytes))
+    alignment = int(model.field("general.alignment", GGUF_DEFAULT_ALIGNMENT))  # a UINT32 (ggufcheck)
     with atomic_output(out) as tmp:
-        writer = GGUFWriter(tmp, arch)
         try:
-            _copy_metadata(model, writer)
-            writer.add_array(K_MERGED_VECTORS, [av.info.name or av.path.name for av, _ in opened])
-            writer.add_array(K_MERGED_SHA256, placeholders)
-            writer.add_key_value(
-                K_MERGED_LAMBDAS, [lam for _, lam in opened], GGUFValueType.ARRAY, GGUFValueType.FLOAT64
-            )
-            writer.add_string(K_MERGED_REQUANT, requant.lower())
-            writer.add_string(K_MERGED_BASE, base.name)
-            for t in model.tensors:
-                qtype = jobs[t.name].qtype if t.name in jobs else t.tensor_type
-                nbytes = ggml.row_size(qtype, t.shape[-1]) * (t.n_elements // t.shape[-1])
-                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            kv_end = writer.fout[0].tell() if writer.fout else 0
-            writer.write_ti_data_to_file()
-            model.drop_metadata()
+            with open(tmp, "wb") as f:
+                writer = GGUFStreamWriter(f, alignment)
+                kv_end = writer.write_header(n_kv, kv, slots)
+                del kv
+                total = sum(t.n_bytes for t in model.tensors)
+                bar = tqdm(total=total, desc="merging", unit="B", unit_scale=True, disable=not progress, delay=1.0)
+                streamed = 0
+                pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int]] | None]] = deque()
 
-            total = sum(t.n_bytes for t in model.tensors)
-            bar = tqdm(total=total, desc="merging", unit="B", unit_scale=True, disable=not progress, delay=1.0)
-            streamed = 0
-            pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int]] | None]] = deque()
+                def write_head() -> None:
+                    nonlocal streamed
+                    t, fut = pending.popleft()
+                    if fut is None:
+                        writer.write_tensor(t.raw())
+                        report.copied += 1
+                    else:
+                        data, refreshed = fut.result()
+                        writer.write_tensor(data)
+                        report.touched[t.name] = (t.tensor_type, jobs[t.name].qtype)
+                        report.refreshed_blocks += refreshed
+                    bar.update(t.n_bytes)
+                    streamed += t.n_bytes + (t.n_elements * 4 if fut is not None else 0)
+                    if streamed >= _RELEASE_EVERY:
+                        pages.release(inputs)
+                        streamed = 0
 
-            def write_head() -> None:
-                nonlocal streamed
-                t, fut = pending.popleft()
-                if fut is None:
-                    writer.write_tensor_data(t.raw())
-                    report.copied += 1
-                else:
-                    data, refreshed = fut.result()
-                    writer.write_tensor_data(data)
-                    report.touched[t.name] = (t.tensor_type, jobs[t.name].qtype)
-                    report.refreshed_blocks += refreshed
-                bar.update(t.n_bytes)
-                streamed += t.n_bytes + (t.n_elements * 4 if fut is not None else 0)
-                if streamed >= _RELEASE_EVERY:
-                    pages.release(inputs)
-                    streamed = 0
-
-            largest = max((4 * j.tensor.n_elements for j in jobs.values()), default=0)
-            budget = largest + largest // 2  # float32 bytes of touched tensors in flight
-            with ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="alignvec-merge") as pool:
-                try:
-                    for t in model.tensors:
-                        if fingerprint is not None:
-                            fingerprint.add(t.name, ggml.dequantize(t.raw(), t.tensor_type, t.n_elements))
-                        job = jobs.get(t.name)
-                        if job is not None:  # memory: two of the largest tensors are never in flight at once
-                            while pending and _f32_in_flight(pending) + 4 * t.n_elements > budget:
+                largest = max((4 * j.tensor.n_elements for j in jobs.values()), default=0)
+                budget = largest + largest // 2  # float32 bytes of touched tensors in flight
+                with ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="alignvec-merge") as pool:
+                    try:
+                        for t in model.tensors:
+                            if fingerprint is not None:
+                                fingerprint.add(t.name, ggml.dequantize(t.raw(), t.tensor_type, t.n_elements))
+                            job = jobs.get(t.name)
+                            if job is not None:  # memory: two of the largest tensors are never in flight at once
+                                while pending and _f32_in_flight(pending) + 4 * t.n_elements > budget:
+                                    write_head()
+                            pending.append((t, pool.submit(run_job, job) if job is not None else None))
+                            while pending and (
+                                pending[0][1] is None
+                                or pending[0][1].done()
+                                or sum(f is not None for _, f in pending) > MAX_IN_FLIGHT
+                            ):
                                 write_head()
-                        pending.append((t, pool.submit(run_job, job) if job is not None else None))
-                        while pending and (
-                            pending[0][1] is None
-                            or pending[0][1].done()
-                            or sum(f is not None for _, f in pending) > MAX_IN_FLIGHT
-                        ):
+                        while pending:
                             write_head()
-                    while pending:
-                        write_head()
-                finally:
-                    for _, fut in pending:
-                        if fut is not None:
-                            fut.cancel()
-                    bar.close()
+                    finally:
+                        for _, fut in pending:
+                            if fut is not None:
+                                fut.cancel()
+                        bar.close()
+                writer.finish()
         finally:
-            writer.close()
             pages.release(inputs)
         _patch(tmp, kv_end, dict(zip(placeholders, digests.result(), strict=True)))
 

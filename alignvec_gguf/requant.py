@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .errors import CompatibilityError
+from .errors import CompatibilityError, FormatError
 
 ROUNDINGS = ("nearest", "dither", "calibrated")
 _SAMPLE = 1 << 18  # elements sampled to calibrate the rounding threshold of one tensor
@@ -324,10 +324,13 @@ def calibrate_threshold(x: np.ndarray, weight: np.ndarray, noise_budget: float |
 def _in_steps(codec: Codec, blocks: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes, ``shift`` in steps of each element's group (0 where the step is 0), steps per group)."""
     q, step, _ = codec.unpack(blocks)
+    if np.isnan(step).any():
+        raise FormatError(f"its {codec.qtype.name} block scales hold NaN: the file is corrupt")
     n, g = step.shape
     inv = np.zeros_like(step)
     np.divide(np.float32(1), step, out=inv, where=step != 0)
-    x = np.multiply(shift.reshape(n, g, -1), inv[:, :, None], dtype=np.float32).reshape(n, -1)
+    with np.errstate(over="ignore"):  # a shift of more than float32's steps is clipped to _FAR anyway
+        x = np.multiply(shift.reshape(n, g, -1), inv[:, :, None], dtype=np.float32).reshape(n, -1)
     return q, x, step
 
 

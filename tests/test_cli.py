@@ -107,12 +107,12 @@ def test_lambda_zero_loads_the_base_without_merging(llama_pair, quantized_bases,
 def test_write_failures_are_one_line_and_leave_nothing(
     llama_pair, quantized_bases, tmp_path, capsys, monkeypatch, error, needle
 ):
-    import gguf
+    from alignvec_gguf.gguffile import GGUFStreamWriter
 
-    def fail(self, tensor, *args, **kwargs):
+    def fail(self, data):
         raise error
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fail)
+    monkeypatch.setattr(GGUFStreamWriter, "write_tensor", fail)
     out = tmp_path / "m.gguf"
     rc = main(["-q", "merge", str(quantized_bases["Q8_0"]), "-v", f"{llama_pair.av}=1", "-o", str(out)])
     err = capsys.readouterr().err

@@ -139,6 +139,63 @@ def test_merged_file_records_vectors_and_keeps_base_metadata(llama_pair, quantiz
     assert field(merged, "alignvec.merged.requant") == "same"
     for key in ("general.file_type", "llama.block_count", "tokenizer.ggml.tokens", "tokenizer.ggml.scores"):
         assert field(merged, key) == field(base, key), key
+    # every base item is copied unchanged (as raw bytes), in order, before the merge's own record
+    base_keys = [k for k in base.fields if not k.startswith("GGUF.")]
+    merged_keys = [k for k in merged.fields if not k.startswith("GGUF.")]
+    assert merged_keys[: len(base_keys)] == base_keys
+    assert all(k.startswith("alignvec.merged.") for k in merged_keys[len(base_keys) :])
+    assert all(field(merged, k) == field(base, k) for k in base_keys)
+    # merging a merged model records the new mix only, once
+    again = merge(out.path, {llama_pair.av: 0.25}, tmp_path / "again.gguf", requant="same")
+    twice = GGUFReader(again.path)
+    assert [k for k in twice.fields if not k.startswith("GGUF.")] == merged_keys
+    assert field(twice, "alignvec.merged.lambdas") == [0.25]
+
+
+def test_model_metadata_is_decoded_like_gguf_py(quantized_bases):
+    from alignvec_gguf.split import GGUFModel
+
+    model, reader = GGUFModel(quantized_bases["Q4_K_M"]), GGUFReader(quantized_bases["Q4_K_M"])
+    keys = [k for k in reader.fields if not k.startswith("GGUF.")]
+    assert model.keys() == keys
+    for k in keys:
+        assert model.field(k) == field(reader, k), k
+    assert [(t.name, t.tensor_type, t.shape, t.n_bytes) for t in model.tensors] == [
+        (t.name, t.tensor_type, tensor_shape(t), int(t.n_bytes)) for t in reader.tensors
+    ]
+    for mt, rt in zip(model.tensors, reader.tensors, strict=True):
+        assert np.array_equal(mt.raw(), tensor_bytes(reader, rt))
+
+
+def test_non_finite_values_stop_the_merge(llama_pair, quantized_bases, tmp_path):
+    """A base with a NaN block scale, or a λ that overflows float32: an error naming the tensor, no output."""
+    from alignvec_gguf.avfile import write_av
+    from alignvec_gguf.errors import FormatError, InputError
+
+    with pytest.raises(InputError, match="float32"):
+        merge(quantized_bases["Q4_K_M"], {llama_pair.av: 1e39}, tmp_path / "big.gguf")  # inf in float32
+    av = AlignmentVector(llama_pair.av)
+    huge = tmp_path / "huge.avec.gguf"  # finite values whose λ-multiple overflows float32
+    write_av(
+        huge,
+        av.info.architecture,
+        [("blk.1.attn_q.weight", np.full(av.shape("blk.1.attn_q.weight"), 1e30, np.float32))],
+        av.info,
+    )
+    with pytest.raises(FormatError, match="blk.1.attn_q.weight.*beyond float32"):
+        merge(quantized_bases["Q4_K_M"], {huge: 1e10}, tmp_path / "big.gguf")
+    assert not (tmp_path / "big.gguf").exists()
+    bad = tmp_path / "nan-scale.gguf"
+    data = bytearray(quantized_bases["Q8_0"].read_bytes())
+    reader = GGUFReader(quantized_bases["Q8_0"])
+    t = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    assert t.tensor_type == QT.Q8_0
+    data[t.data_offset : t.data_offset + 2] = np.array([np.nan], dtype=np.float16).tobytes()  # first block's d
+    bad.write_bytes(bytes(data))
+    for policy in ("calibrated", "same"):
+        with pytest.raises(FormatError, match="blk.1.attn_q.weight"):
+            merge(bad, {llama_pair.av: 0.5}, tmp_path / "m.gguf", requant=policy)
+        assert not (tmp_path / "m.gguf").exists()
 
 
 def test_requant_policy_raises_touched_tensors(llama_pair, quantized_bases, tmp_path):

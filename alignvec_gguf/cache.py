@@ -4,8 +4,14 @@
   policy, the importance matrix and full-precision base if given, and the package version. Content
   hashes of large files are computed once and remembered by (real path, size, mtime, inode) in
   ``digests.json``, so a second load of the same mix costs a few ``stat`` calls, not a hash of the base.
-- Entries are written atomically (temporary file + rename). A lock per entry makes concurrent
-  processes that want the same mix merge it once: the others wait, then find the finished file.
+- Entries are written atomically (temporary file + rename), so an entry's ``.gguf`` exists only when
+  complete. A lock per entry makes concurrent processes that want the same mix merge it once: the
+  others wait, then find the finished file.
+- Names: the base file's name (sanitized, shortened) and the key; nothing an alignment vector says
+  about itself (name, description, sources) reaches a path.
+- A killed merge leaves only a hidden temporary and a lock file; the next merge into the cache removes
+  the temporaries whose writer is gone (``atomic.remove_stale_temporaries``), ``alignvec cache clear``
+  removes those and the locks of missing entries.
 - Size bound (``ALIGNVEC_CACHE_MAX``, default 20G): after a new entry is written, the least recently
   used entries are removed until the cache fits. An entry being written or loaded (its lock is held)
   and the entry just made are never removed.
@@ -26,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_output, file_lock
+from .atomic import atomic_output, file_lock, remove_stale_temporaries
 from .avfile import AlignmentVector
-from .errors import InputError
+from .errors import AlignVecError, DiskFullError, InputError
 from .merge import DEFAULT_POLICY, Vectors, merge, open_vectors, parse_requant
 from .split import shard_paths
 
@@ -41,6 +47,7 @@ _DIGESTS = "digests.json"
 _DIR_LOCK = ".lock"
 _SIDE = ".json"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_STEM_CHARS = 64  # of the base's name in an entry's name
 
 
 def default_cache_dir() -> Path:
@@ -62,6 +69,14 @@ def parse_size(text: str) -> int:
 def default_max_bytes() -> int:
     env = os.environ.get(ENV_MAX)
     return parse_size(env) if env else DEFAULT_MAX_BYTES
+
+
+def check_base(base: Path) -> None:
+    """Raise :class:`InputError` unless the base model ``base`` is an existing file."""
+    if base.is_dir():
+        raise InputError(f"base model {base} is not a file but a directory; give the .gguf file")
+    if not base.is_file():
+        raise InputError(f"base model {base} does not exist")
 
 
 def _sha256_file(path: Path) -> str:
@@ -119,12 +134,15 @@ class MergeCache:
             return str(known["sha256"])
         log.info("hashing %s (once; remembered in %s)", path, self.dir / _DIGESTS)
         digest = _sha256_file(Path(real))
-        with self._dir_lock():
-            digests = self._read_digests()
-            digests = {k: v for k, v in digests.items() if os.path.exists(k)}  # forget deleted files
-            digests[real] = {"stat": stamp, "sha256": digest}
-            with atomic_output(self.dir / _DIGESTS) as tmp:
-                tmp.write_text(json.dumps(digests, indent=0, sort_keys=True))
+        try:
+            with self._dir_lock():
+                digests = self._read_digests()
+                digests = {k: v for k, v in digests.items() if os.path.exists(k)}  # forget deleted files
+                digests[real] = {"stat": stamp, "sha256": digest}
+                with atomic_output(self.dir / _DIGESTS) as tmp:
+                    tmp.write_text(json.dumps(digests, indent=0, sort_keys=True))
+        except (OSError, AlignVecError) as e:  # a memo only: a full disk or read-only cache still serves entries
+            log.warning("cannot remember the hash of %s in %s (%s)", path, self.dir / _DIGESTS, e)
         return digest
 
     def key(
@@ -156,7 +174,9 @@ class MergeCache:
     # --- entries --------------------------------------------------------------------------------
 
     def entry_path(self, base: Path, key: str) -> Path:
+        """``<base name>.<key prefix>.gguf``: the base's name for people, its characters limited and shortened."""
         stem = re.sub(r"-\d{5}-of-\d{5}$", "", base.name.removesuffix(".gguf"))
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".")[:_STEM_CHARS] or "model"
         return self.dir / f"{stem}.{key[:20]}.gguf"
 
     @staticmethod
@@ -182,22 +202,30 @@ class MergeCache:
         """The path of the merged model for this mix, merging it first (once, across processes) if needed."""
         base = Path(base)
         opened = open_vectors(vectors)
-        if not base.is_file():
-            raise InputError(f"base model {base} does not exist")
+        check_base(base)
         key = self.key(base, opened, requant, imatrix, full_base)
         path = self.entry_path(base, key)
         if path.exists():
             log.info("using cached merge %s", path)
             self._touch(path)
             return path
-        with file_lock(self._lock_path(path)):
+        lock = self._lock_path(path)
+        with file_lock(lock):
             if path.exists():  # another process merged it while we waited
                 log.info("using cached merge %s (made by another process)", path)
                 self._touch(path)
                 return path
-            report = merge(
-                base, dict(opened), path, requant=requant, progress=progress, imatrix=imatrix, full_base=full_base
-            )
+            try:
+                report = merge(
+                    base, dict(opened), path, requant=requant, progress=progress, imatrix=imatrix, full_base=full_base
+                )
+            except BaseException as e:
+                lock.unlink(missing_ok=True)  # no entry to guard (allowed while holding it: atomic.file_lock)
+                if isinstance(e, DiskFullError):
+                    raise DiskFullError(
+                        f"{e}; the merge cache is {self.dir}: free space there, set {ENV_DIR}, or lower {ENV_MAX}"
+                    ) from e
+                raise
             meta = {
                 "key": key,
                 "base": str(base.resolve()),
@@ -207,8 +235,11 @@ class MergeCache:
                 "created": time.time(),
                 "merge_seconds": round(report.seconds, 3),
             }
-            with atomic_output(path.with_suffix(_SIDE)) as tmp:
-                tmp.write_text(json.dumps(meta, indent=1))
+            try:
+                with atomic_output(path.with_suffix(_SIDE)) as tmp:
+                    tmp.write_text(json.dumps(meta, indent=1))
+            except (OSError, AlignVecError) as e:  # the entry is complete; its description is for 'cache ls'
+                log.warning("cannot write %s (%s)", path.with_suffix(_SIDE), e)
         self.evict(keep=path)
         return path
 
@@ -238,18 +269,21 @@ class MergeCache:
         return sum(e.size for e in self.entries())
 
     def _remove(self, entry: CacheEntry) -> bool:
-        """Remove an entry unless another process holds its lock (writing or loading it)."""
-        with file_lock(self._lock_path(entry.path), blocking=False) as taken:
+        """Remove an entry and its lock unless another process holds the lock (writing or loading it)."""
+        lock = self._lock_path(entry.path)
+        with file_lock(lock, blocking=False) as taken:
             if not taken:
                 return False
             entry.path.unlink(missing_ok=True)
             entry.path.with_suffix(_SIDE).unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)  # allowed while holding it: waiters lock a fresh file (atomic.file_lock)
         return True
 
     def evict(self, keep: Path | None = None) -> list[CacheEntry]:
         """Remove least recently used entries until the cache fits its bound; returns what was removed."""
         removed: list[CacheEntry] = []
         with self._dir_lock():
+            remove_stale_temporaries(self.dir)  # what killed merges left behind
             entries = self.entries()
             total = sum(e.size for e in entries)
             for e in entries:
@@ -280,16 +314,17 @@ class MergeCache:
                 if self._remove(e):
                     n += 1
                     freed += e.size
-            # temporaries (".NAME.XXXX.tmp") and locks of entries that are gone, unless a merge holds them
-            for tmp in [*self.dir.glob(".*.tmp"), *self.dir.glob(".*.gguf.lock")]:
-                inner = tmp.name[1:].removesuffix(".lock")
-                if inner.endswith(".tmp"):  # NAME.XXXXXXXX.tmp, as atomic_output names them
-                    inner = inner.removesuffix(".tmp").rsplit(".", 1)[0]
-                entry = self.dir / Path(inner).with_suffix(".gguf").name
-                with file_lock(self._lock_path(entry), blocking=False) as taken:
+            freed += remove_stale_temporaries(self.dir)
+            # locks and sidecars of entries that are gone (a merge killed before or an eviction killed after
+            # the rename), unless a merge of that entry is running
+            gone = {p.with_name(p.name[1:].removesuffix(".lock")) for p in self.dir.glob(".*.gguf.lock")}
+            gone |= {p.with_suffix(".gguf") for p in self.dir.glob(f"*{_SIDE}") if p.name != _DIGESTS}
+            for entry in sorted(gone):
+                lock = self._lock_path(entry)
+                with file_lock(lock, blocking=False) as taken:
                     if taken and not entry.exists():
-                        freed += tmp.stat().st_size if tmp.exists() else 0
-                        tmp.unlink(missing_ok=True)
+                        entry.with_suffix(_SIDE).unlink(missing_ok=True)
+                        lock.unlink(missing_ok=True)
         return n, freed
 
 

@@ -6,7 +6,11 @@ import argparse
 import json
 import logging
 import math
+import os
+import re
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,6 +46,8 @@ def _vectors(specs: list[str] | None) -> dict[VectorRef, float]:
     vectors: dict[VectorRef, float] = {}
     for spec in specs or []:
         path, lam = parse_vector(spec)
+        if Path(path).is_dir():
+            raise InputError(f"alignment vector {path} is a directory; give an .avec.gguf file")
         if not Path(path).is_file():
             raise InputError(f"alignment vector {path} does not exist")
         if path in vectors:
@@ -79,10 +85,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_not_an_input(output: str, inputs: list[tuple[str, str | None]]) -> None:
+    """Refuse an output path that is one of the inputs: the rename would replace the user's file."""
+    if not Path(output).is_file():
+        return
+    for what, path in inputs:
+        if path is not None and Path(path).is_file() and os.path.samefile(output, path):
+            raise InputError(f"output {output} is the {what} {path}; choose another output path")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge
 
     vectors = _vectors(args.vector)
+    inputs: list[tuple[str, str | None]] = [("alignment vector", str(v)) for v in vectors]
+    inputs += [("importance matrix", args.imatrix), ("full-precision base", args.full_base)]
+    _check_not_an_input(args.output, inputs)
     report = merge(
         args.base,
         vectors,
@@ -397,24 +415,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_ERROR_CHARS = 2000
+
+
+def one_line(text: str) -> str:
+    """An error message as one printable line: control characters (newlines, escapes, NUL) from file
+    metadata or paths are shown escaped, and an overlong message is cut in the middle."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: repr(m[0])[1:-1], text.strip())
+    if len(text) > MAX_ERROR_CHARS:
+        half = MAX_ERROR_CHARS // 2
+        text = f"{text[:half]} [... {len(text) - 2 * half} characters ...] {text[-half:]}"
+    return text
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporaries are removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
     for noisy in ("gguf", "gguf.gguf_writer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return int(args.func(args))
     except AlignVecError as e:
-        print(f"alignvec {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args.command, str(e))
     except OSError as e:  # permissions, I/O errors: still one line, no traceback
         where = f": {e.filename}" if e.filename else ""
-        print(f"alignvec {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args.command, f"{e.strerror or e}{where}")
+    except MemoryError:
+        return _fail(args.command, "out of memory; close other programs or use a smaller model")
     except KeyboardInterrupt:
         print("alignvec: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("alignvec: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"alignvec {command}: error: {one_line(message)}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -17,3 +17,7 @@ class CompatibilityError(AlignVecError):
 
 class InputError(AlignVecError):
     """A path, argument or option is wrong: missing file, bad λ syntax, unsupported choice."""
+
+
+class DiskFullError(AlignVecError):
+    """Writing ran out of room (no space left, a disk quota, a file-size limit); nothing was written."""

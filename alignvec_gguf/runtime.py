@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cache import MergeCache
+from .cache import MergeCache, check_base
 from .errors import InputError
 from .merge import DEFAULT_POLICY, Vectors, open_vectors
 
@@ -56,8 +56,7 @@ def load(
         # λ = 0 everywhere is the base itself: nothing to merge (the vectors are still validated)
         open_vectors(vectors)
         path = Path(base)
-        if not path.is_file():
-            raise InputError(f"base model {path} does not exist")
+        check_base(path)
         return Llama(model_path=str(path), **llama_kwargs)
     if mode == "direct":
         from .direct import load_direct

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alignvec_gguf.atomic import check_output
 from alignvec_gguf.avfile import STORAGE_TYPES, AVInfo, write_av
 from alignvec_gguf.errors import CompatibilityError, InputError
 from alignvec_gguf.gguffile import Fingerprint, signature
@@ -226,6 +227,7 @@ def convert(
         raise InputError(f"--dtype must be one of {', '.join(STORAGE_TYPES)}, got {dtype!r}")
     if rank is not None or energy is not None:
         check_options(rank, energy)
+    check_output(out)  # before any download or reading
     base_ref = resolve(base, "base", allow_pickle=allow_pickle)
     aligned_ref = resolve(aligned, "aligned", allow_pickle=allow_pickle)
     base_ckpt = Checkpoint(base_ref.path, "base", allow_pickle=allow_pickle, source=base_ref.source)

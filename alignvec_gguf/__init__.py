@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .avfile import AlignmentVector, AVInfo, write_av
 from .cache import cached_merge
-from .errors import AlignVecError, CompatibilityError, FormatError, InputError
+from .errors import AlignVecError, CompatibilityError, DiskFullError, FormatError, InputError
 from .merge import MergeReport, merge
 from .runtime import load
 
@@ -19,6 +19,7 @@ __all__ = [
     "AlignVecError",
     "AlignmentVector",
     "CompatibilityError",
+    "DiskFullError",
     "FormatError",
     "InputError",
     "MergeReport",

@@ -203,14 +203,18 @@ def describe(path: str) -> dict[str, Any]:
     return meta
 
 
+def _printable(value: object) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     meta = describe(args.file)
     if args.json:
         print(json.dumps(meta, indent=2, default=str))
         return 0
     tensors = meta.pop("tensors")
-    for key, value in meta.items():
-        print(f"{key:32} {value}")
+    for key, value in meta.items():  # a stranger's strings: control characters (terminal escapes) escaped
+        print(f"{_printable(key):32} {_printable(value)}")
     if args.tensors:
         for name, t in tensors.items():
             print(f"  {name:40} {t['type']:8} {t['shape']}")

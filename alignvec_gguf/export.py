@@ -47,6 +47,12 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+def _line(value: object) -> str:
+    """A metadata value for a comment line: control characters (a newline would start a new Modelfile
+    instruction) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
 def write_modelfile(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -73,9 +79,9 @@ def write_modelfile(
     vectors = field(reader, "alignvec.merged.vectors")
     if vectors:
         lambdas = field(reader, "alignvec.merged.lambdas") or []
-        mix = ", ".join(f"{name} λ={lam:g}" for name, lam in zip(vectors, lambdas, strict=False))
-        lines.append(f"# base: {field(reader, 'alignvec.merged.base', '?')}; alignment: {mix}")
-        lines.append(f"# requant: {field(reader, 'alignvec.merged.requant', '?')}")
+        mix = ", ".join(f"{_line(name)} λ={lam:g}" for name, lam in zip(vectors, lambdas, strict=False))
+        lines.append(f"# base: {_line(field(reader, 'alignvec.merged.base', '?'))}; alignment: {mix}")
+        lines.append(f"# requant: {_line(field(reader, 'alignvec.merged.requant', '?'))}")
     name = model.name.removesuffix(".gguf").lower().replace(" ", "-")
     lines.append(f"# use: ollama create {name} -f {target.name} && ollama run {name}")
     lines.append(f"FROM {_reference(model, directory)}")

@@ -172,7 +172,8 @@ def fidelity(
     mix: dict[VectorRef, float] = {av: lam for av, lam in opened}
     model = GGUFModel(base, "base model")
     base_size = model.size()
-    window = int(model.field(f"{model.field('general.architecture')}.context_length", 512) or 512)
+    context = model.field(f"{model.field('general.architecture')}.context_length", 512)
+    window = int(context) if isinstance(context, int) and context > 0 else 512
     window = max(8, min(512, window))
     with tempfile.TemporaryDirectory(prefix="alignvec-fidelity-", dir=workdir) as tmp:
         root = Path(tmp)

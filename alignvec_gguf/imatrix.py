@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader
 
 from .errors import CompatibilityError, FormatError, InputError
+from .gguffile import open_gguf
 
 _MAX_NAME = 1 << 16
 
@@ -65,10 +65,7 @@ def _check(path: Path, name: str, values: np.ndarray) -> np.ndarray:
 
 
 def _load_gguf(path: Path) -> Imatrix:
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises several types on bad bytes
-        raise FormatError(f"importance matrix {path} is not a valid GGUF file ({e})") from e
+    reader = open_gguf(path, "importance matrix")  # the header is checked before gguf-py parses it
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     for t in reader.tensors:

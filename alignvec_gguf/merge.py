@@ -6,9 +6,10 @@ ggml's own quantizer to a chosen type, or on the base's own grid (same scales, n
 ``requant.py``). The output is streamed tensor by tensor into a temporary file and renamed into place;
 the base file is only ever read.
 
-Speed and memory: touched tensors are computed in a small pipeline of ``MAX_IN_FLIGHT`` workers (one
-tensor is prepared while another is quantized, each on every core: ctypes and numpy release the GIL),
-results are written in order, and the float32 tensors in flight never exceed 1.5 × the largest one.
+Speed and memory: touched tensors are computed in a pipeline of one worker per core plus one (ctypes
+and numpy release the GIL), each tensor on one core except the few big ones (embeddings, output),
+which use every core so that they do not hold up the rest; results are written in order, and the
+float32 tensors in flight never exceed 1.5 × the largest one.
 Pages of the memory-mapped inputs are dropped from the resident set as the merge moves on
 (``pages.py``), so peak RSS stays near the base plus a few tensors, whatever the model size.
 """
@@ -92,7 +93,7 @@ COARSE_TYPES = frozenset(
 HIFI_MIN_KEPT = 0.95
 HIFI_MIN_COS = 0.95
 LAMBDA_MAX = 1e30  # float32 arithmetic: λ·Δ must stay far from its 3.4e38 limit
-MAX_IN_FLIGHT = 2  # touched tensors worked on at once: one being quantized, one being prepared
+BIG_TENSOR_SHARE = 1 / 32  # a tensor with this share of all touched elements is computed on every core
 _RELEASE_EVERY = 64 << 20  # bytes streamed between two drops of the inputs' resident pages
 
 K_MERGED_VECTORS = "alignvec.merged.vectors"
@@ -291,7 +292,8 @@ def _shift(job: _Job) -> np.ndarray:
     if job.full is not None:
         out += ggml.dequantize(job.full.raw(), job.full.tensor_type, t.n_elements).reshape(-1, n_per_row)
         out -= ggml.dequantize(t.raw(), t.tensor_type, t.n_elements).reshape(-1, n_per_row)
-    _check_finite(out, t.name, "the change Σ λ·Δ")
+    if len(job.parts) > 1 or abs(job.parts[0][1]) > 1 or job.full is not None:  # else finite: Δ was checked
+        _check_finite(out, t.name, "the change Σ λ·Δ")
     return out
 
 
@@ -490,6 +492,9 @@ def merge(
     reader: Any = model  # gguffile.check_fingerprint reads .tensors (name, tensor_type, data) of any shard set
     if out.exists() and any(os.path.samefile(out, p) for p in model.paths):
         raise InputError(f"output {out} is the base model; the base is never overwritten, choose another path")
+    others = [*plan.inputs, *([imatrix] if isinstance(imatrix, (str, os.PathLike)) else [])]
+    if out.exists() and any(os.path.exists(p) and os.path.samefile(out, p) for p in others):
+        raise InputError(f"output {out} is one of the merge's inputs, which are never overwritten; choose another path")
     report = MergeReport(path=out, policy=policy.name)
     float_base = all(t.tensor_type in _FLOAT_TYPES for t in model.tensors if t.name not in GENERATED_TENSORS)
     fingerprint = Fingerprint() if float_base else None
@@ -545,8 +550,11 @@ def merge(
                         streamed = 0
 
                 largest = max((4 * j.tensor.n_elements for j in jobs.values()), default=0)
+                touched = sum(j.tensor.n_elements for j in jobs.values())
+                cores = threads or ggml.default_threads()
+                workers = cores + 1 if cores > 1 else 1
                 budget = largest + largest // 2  # float32 bytes of touched tensors in flight
-                with ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="alignvec-merge") as pool:
+                with ThreadPoolExecutor(workers, thread_name_prefix="alignvec-merge") as pool:
                     try:
                         for t in model.tensors:
                             if fingerprint is not None:
@@ -555,11 +563,14 @@ def merge(
                             if job is not None:  # memory: two of the largest tensors are never in flight at once
                                 while pending and _f32_in_flight(pending) + 4 * t.n_elements > budget:
                                     write_head()
+                            if job is not None:
+                                big = job.tensor.n_elements >= BIG_TENSOR_SHARE * touched
+                                job = replace(job, threads=cores if big else 1)
                             pending.append((t, pool.submit(run_job, job) if job is not None else None))
                             while pending and (
                                 pending[0][1] is None
                                 or pending[0][1].done()
-                                or sum(f is not None for _, f in pending) > MAX_IN_FLIGHT
+                                or sum(f is not None for _, f in pending) > workers
                             ):
                                 write_head()
                         while pending:

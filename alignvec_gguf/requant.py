@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as QT
 from .errors import CompatibilityError, FormatError
 
 ROUNDINGS = ("nearest", "dither", "calibrated")
-_SAMPLE = 1 << 18  # elements sampled to calibrate the rounding threshold of one tensor
+_SAMPLE = 1 << 16  # elements sampled to calibrate the rounding threshold of one tensor
 _MIN_THRESHOLD = 0.01
 # calibrated rounding adds at most this share of a tensor's own quantization noise beyond what round-to-nearest
 # adds: chosen with benchmarks/fidelity.py (README, 'Requantization and the knob')
@@ -399,8 +399,7 @@ def requantize_on_grid(
         b0 = i * step_blocks
         b = blocks[b0 : b0 + step_blocks]
         q, x, _ = _in_steps(codec, b, shift[b0 : b0 + len(b)])
-        if x.size and max(-float(x.min()), float(x.max())) > _FAR:  # keeps the int16 moves below exact
-            np.clip(x, -_FAR, _FAR, out=x)
+        np.clip(x, -_FAR, _FAR, out=x)  # keeps the int16 moves below exact
         moves = np.empty(x.shape, dtype=np.int16)  # whole steps each code moves
         if rounding == "dither":  # one generator per chunk: the result does not depend on the threads
             x += np.random.default_rng([seed, i]).random(x.shape, dtype=np.float32)
@@ -413,10 +412,9 @@ def requantize_on_grid(
             np.floor(a, out=a)
             np.copysign(a, x, out=moves, casting="unsafe")
         moves += q  # the new codes, still unclipped
-        outside = moves < codec.qmin - 1
-        outside |= moves > codec.qmax + 1
-        if outside.any():  # rare: reduce per block only then (reductions over short rows are slow)
-            refresh[b0 : b0 + len(b)] = outside.any(axis=1)
+        if moves.size and (moves.min() < codec.qmin - 1 or moves.max() > codec.qmax + 1):
+            # rare: find the blocks only then (reductions over short rows are slow)
+            refresh[b0 : b0 + len(b)] = ((moves < codec.qmin - 1) | (moves > codec.qmax + 1)).any(axis=1)
         np.clip(moves, codec.qmin, codec.qmax, out=moves)
         out[b0 : b0 + len(b)] = codec.pack(b, moves)
 

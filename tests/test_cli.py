@@ -118,3 +118,26 @@ def test_write_failures_are_one_line_and_leave_nothing(
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_strangers_strings_stay_one_line(llama_pair, quantized_bases, tmp_path, capsys):
+    """inspect and the Ollama Modelfile show control characters from a file's metadata escaped."""
+    from alignvec_gguf.avfile import AlignmentVector, AVInfo, write_av
+    from alignvec_gguf.export import write_modelfile
+
+    av = AlignmentVector(llama_pair.av)
+    evil = "x\n\x1b[2Jrm -rf"
+    path = tmp_path / "evil.avec.gguf"
+    write_av(
+        path, av.info.architecture, [(n, av.delta(n)) for n in av.names], AVInfo(**{**av.info.__dict__, "name": evil})
+    )
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2J" in out
+    assert [line for line in out.splitlines() if line.startswith("alignvec.name")] == [
+        "alignvec.name                    x\\n\\x1b[2Jrm -rf"
+    ]
+    merged = tmp_path / "m.gguf"
+    assert main(["-q", "merge", str(quantized_bases["Q8_0"]), "-v", f"{path}=1", "-o", str(merged)]) == 0
+    text = write_modelfile(merged).read_text()
+    assert "\x1b" not in text and not any(line.startswith("rm") for line in text.splitlines())

@@ -311,3 +311,16 @@ def test_inputs_leave_the_resident_set(quantized_bases):
     _ = int(np.asarray(reader.data).sum())  # touch every page
     released = pages.release([quantized_bases["Q4_K_M"]])
     assert released >= reader.data.nbytes * 0.9 or not pages._libc()
+
+
+def test_merge_never_writes_over_its_inputs(llama_pair, quantized_bases, tmp_path):
+    import shutil
+
+    from alignvec_gguf.errors import InputError
+
+    av = tmp_path / "v.avec.gguf"
+    shutil.copy(llama_pair.av, av)
+    before = av.read_bytes()
+    with pytest.raises(InputError, match="inputs"):
+        merge(quantized_bases["Q8_0"], {av: 0.5}, av)
+    assert av.read_bytes() == before

@@ -45,6 +45,8 @@ K_ALIGNED_SOURCE = "alignvec.aligned.source"
 K_BASE_SIGNATURE = "alignvec.base.signature"
 K_BASE_FINGERPRINT = "alignvec.base.fingerprint"
 K_PRODUCER = "alignvec.producer"
+# sha256 over every stored tensor's bytes in file order, recorded by the writer (optional: older files lack it)
+K_CONTENT_SHA256 = "alignvec.content_sha256"
 # The low-rank form (llama.cpp's LoRA layout, src/llama-adapter.cpp).
 K_LORA_ALPHA = "adapter.lora.alpha"
 K_LORA_RANK = "alignvec.lora.rank"
@@ -141,14 +143,19 @@ def _storage_type(dtype: str, shape: tuple[int, ...]) -> QT:
     return qtype
 
 
-def _add_storage_tensor(writer: GGUFWriter, name: str, data: np.ndarray, dtype: str) -> None:
+def _add_storage_tensor(writer: GGUFWriter, name: str, data: np.ndarray, dtype: str, content: Any) -> None:
+    """Add one tensor in its storage type; ``content`` (a sha256) takes its stored bytes."""
     qtype = _storage_type(dtype, data.shape)
     if qtype == QT.F32:
-        writer.add_tensor(name, data)
+        stored = data
+        writer.add_tensor(name, stored)
     elif qtype == QT.F16:
-        writer.add_tensor(name, data.astype(np.float16))
+        stored = data.astype(np.float16)
+        writer.add_tensor(name, stored)
     else:
-        writer.add_tensor(name, np_quantize(data, qtype), raw_dtype=qtype)
+        stored = np_quantize(data, qtype)
+        writer.add_tensor(name, stored, raw_dtype=qtype)
+    content.update(np.ascontiguousarray(stored).data)
 
 
 def _put_info(writer: GGUFWriter, info: AVInfo, adapter_type: str, form: str) -> None:
@@ -186,6 +193,7 @@ def write_av(
     if dtype not in STORAGE_TYPES:
         raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_TYPES)}, got {dtype!r}")
     written = 0
+    content = hashlib.sha256()
     with atomic_output(path) as tmp:
         writer = GGUFWriter(tmp, architecture, use_temp_file=True)
         try:
@@ -195,13 +203,14 @@ def write_av(
                     raise FormatError(f"delta for {name} has NaN or infinite values; check both checkpoints")
                 if not np.any(delta):
                     continue
-                _add_storage_tensor(writer, name, delta, dtype)
+                _add_storage_tensor(writer, name, delta, dtype, content)
                 written += 1
             if callable(info):
                 info = info()
             if info.architecture != architecture:
                 raise ValueError(f"info is for {info.architecture!r}, file for {architecture!r}")
             _put_info(writer, info, ADAPTER_TYPE_FULL, "full")
+            writer.add_string(K_CONTENT_SHA256, content.hexdigest())
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -236,6 +245,7 @@ def write_lowrank_av(
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     written = 0
+    content = hashlib.sha256()
     with atomic_output(path) as tmp:
         writer = GGUFWriter(tmp, architecture, use_temp_file=True)
         try:
@@ -254,8 +264,8 @@ def write_lowrank_av(
                     lora_a, lora_b = b, np.ascontiguousarray(a.T)  # (n_vocab, r), (n_embd, r)
                 else:
                     lora_a, lora_b = a, b
-                _add_storage_tensor(writer, name + LORA_A, lora_a, dtype)
-                _add_storage_tensor(writer, name + LORA_B, lora_b, dtype)
+                _add_storage_tensor(writer, name + LORA_A, lora_a, dtype, content)
+                _add_storage_tensor(writer, name + LORA_B, lora_b, dtype, content)
                 written += 1
             if callable(info):
                 info = info()
@@ -264,6 +274,7 @@ def write_lowrank_av(
             if info.architecture != architecture:
                 raise ValueError(f"info is for {info.architecture!r}, file for {architecture!r}")
             _put_info(writer, info, ADAPTER_TYPE_LORA, "lora")
+            writer.add_string(K_CONTENT_SHA256, content.hexdigest())
             writer.add_float32(K_LORA_ALPHA, float(alpha))
             writer.add_uint32(K_LORA_RANK, int(stats.rank))
             writer.add_float32(K_LORA_ENERGY, float(stats.energy))
@@ -475,7 +486,25 @@ class AlignmentVector:
             self._read(t, name)
 
     @cached_property
+    def content_sha256(self) -> str:
+        """sha256 over every stored tensor's bytes in file order: what merged models record as the vector.
+
+        Recorded by the writer (``alignvec.content_sha256``), so a merge need not read the file twice;
+        computed here for files that lack it.
+        """
+        recorded = self._meta(K_CONTENT_SHA256, "str", None)
+        if recorded is not None:
+            if len(recorded) != 64 or any(c not in "0123456789abcdef" for c in recorded):
+                raise FormatError(f"{self._where}: {K_CONTENT_SHA256} is not a sha256 hex digest; re-create it")
+            return str(recorded)
+        h = hashlib.sha256()
+        for t in sorted(self._reader.tensors, key=lambda t: t.data_offset):
+            h.update(np.ascontiguousarray(t.data).data)
+        return h.hexdigest()
+
+    @cached_property
     def sha256(self) -> str:
+        """sha256 of the whole file (the merge cache keys on it)."""
         h = hashlib.sha256()
         with open(self.path, "rb") as f:
             while chunk := f.read(1 << 22):

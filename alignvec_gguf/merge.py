@@ -501,11 +501,12 @@ def merge(
     notes = plan.notes
     inputs = plan.inputs
 
-    # The vectors' sha256 go into the header, but hashing a big vector takes a second or more: it runs
-    # beside the merge, the header gets placeholders of the same length, and they are patched at the end.
+    # The vectors' content sha256 go into the header. Vectors record it; for one that does not, hashing
+    # takes a second or more: it runs beside the merge, the header gets placeholders of the same length,
+    # and they are patched at the end.
     placeholders = [secrets.token_hex(32) for _ in opened]
     hasher = ThreadPoolExecutor(1, thread_name_prefix="alignvec-sha256")
-    digests = hasher.submit(lambda: [av.sha256 for av, _ in opened])
+    digests = hasher.submit(lambda: [av.content_sha256 for av, _ in opened])
     hasher.shutdown(wait=False)
     extra = [
         pack_kv(K_MERGED_VECTORS, [av.info.name or av.path.name for av, _ in opened]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import tinymodels as tm
@@ -135,7 +137,12 @@ def test_merged_file_records_vectors_and_keeps_base_metadata(llama_pair, quantiz
     base, merged = GGUFReader(base_path), GGUFReader(out.path)
     assert field(merged, "alignvec.merged.vectors") == ["aligned"]
     assert field(merged, "alignvec.merged.lambdas") == [0.5]
-    assert field(merged, "alignvec.merged.vector_sha256") == [AlignmentVector(llama_pair.av).sha256]
+    av = AlignmentVector(llama_pair.av)
+    content = hashlib.sha256(
+        b"".join(np.ascontiguousarray(t.data).tobytes() for t in GGUFReader(llama_pair.av).tensors)
+    )
+    assert field(GGUFReader(llama_pair.av), "alignvec.content_sha256") == content.hexdigest()  # recorded by the writer
+    assert field(merged, "alignvec.merged.vector_sha256") == [av.content_sha256] == [content.hexdigest()]
     assert field(merged, "alignvec.merged.requant") == "same"
     for key in ("general.file_type", "llama.block_count", "tokenizer.ggml.tokens", "tokenizer.ggml.scores"):
         assert field(merged, key) == field(base, key), key
@@ -324,3 +331,17 @@ def test_merge_never_writes_over_its_inputs(llama_pair, quantized_bases, tmp_pat
     with pytest.raises(InputError, match="inputs"):
         merge(quantized_bases["Q8_0"], {av: 0.5}, av)
     assert av.read_bytes() == before
+
+
+def test_content_digest_of_vectors_without_one(tmp_path):
+    """Vectors written before alignvec.content_sha256 existed (the bundled demo's) get it computed, the same way."""
+    from pathlib import Path
+
+    import alignvec_gguf
+
+    path = Path(alignvec_gguf.__file__).parent / "demo_data" / "medical.avec.gguf"
+    reader = GGUFReader(path)
+    assert field(reader, "alignvec.content_sha256") is None
+    tensors = sorted(reader.tensors, key=lambda t: t.data_offset)
+    expected = hashlib.sha256(b"".join(np.ascontiguousarray(t.data).tobytes() for t in tensors)).hexdigest()
+    assert AlignmentVector(path).content_sha256 == expected

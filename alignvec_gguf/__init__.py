@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .avfile import AlignmentVector, AVInfo, write_av
 from .cache import cached_merge

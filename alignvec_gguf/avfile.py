@@ -468,6 +468,31 @@ class AlignmentVector:
             a, b = np.ascontiguousarray(b.T), a
         return a, b
 
+    def delta_range(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Elements ``[start, stop)`` of one tensor's flattened delta as float32, decoded from just those bytes.
+
+        For the full form only (None for the low-rank form, whose pairs are multiplied whole); ``start``
+        and ``stop`` must be multiples of the storage block (32 covers every storage type). Raises if a
+        value is not finite. Lets a merge stream a big tensor in chunks instead of decoding it whole;
+        ``out`` (float32, ``stop - start`` values) receives them if given.
+        """
+        if self.lora is not None:
+            return None
+        t = self._tensors[name]
+        qtype = QT(t.tensor_type)
+        block, size = GGML_QUANT_SIZES[qtype]
+        if start % block or stop % block or not 0 <= start <= stop <= int(t.n_elements):
+            raise ValueError(f"{name}: range [{start}, {stop}) is not whole {qtype.name} blocks of the tensor")
+        raw = np.asarray(t.data).reshape(-1).view(np.uint8)[start // block * size : stop // block * size]
+        data = (
+            ggml.dequantize(raw, qtype, stop - start, out)
+            if out is not None or qtype != QT.F32
+            else raw.view(np.float32)
+        )
+        if not np.isfinite(data).all():
+            raise FormatError(f"alignment vector {self.path}: tensor {name} has NaN or infinite values")
+        return data
+
     def delta(self, name: str) -> np.ndarray:
         """The delta of one tensor as float32 in numpy-order shape; raises if it is not finite."""
         if self.lora is None:

@@ -210,22 +210,31 @@ def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def dequantize(data: np.ndarray, qtype: QT, n_elements: int) -> np.ndarray:
-    """Raw bytes (or a float array) of ``n_elements`` values of ``qtype`` -> flat float32 array."""
+def dequantize(data: np.ndarray, qtype: QT, n_elements: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Raw bytes (or a float array) of ``n_elements`` values of ``qtype`` -> flat float32 array.
+
+    ``out``, if given, is a contiguous float32 array of ``n_elements`` that receives the values.
+    """
+    if out is not None and (out.dtype != np.float32 or out.size != n_elements or not out.flags.c_contiguous):
+        raise ValueError(f"out must be a contiguous float32 array of {n_elements} values")
     if qtype == QT.F32:
-        return np.frombuffer(np.ascontiguousarray(data).data, dtype=np.float32, count=n_elements).copy()
+        values = np.frombuffer(np.ascontiguousarray(data).data, dtype=np.float32, count=n_elements)
+        if out is None:
+            return values.copy()
+        out[...] = values
+        return out
     src = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
     info = type_info(qtype)
     if n_elements % info.block_size or src.nbytes != n_elements // info.block_size * info.type_size:
         raise CompatibilityError(f"{info.name}: {src.nbytes} bytes do not hold {n_elements} elements")
-    if qtype in _FAST_TO_F32:
-        out = np.empty(n_elements, dtype=np.float32)
-        if _convert(_FAST_TO_F32[qtype], src, 2, out, 4, n_elements):
-            return out
     fn = _to_float(qtype)
-    if fn is None:
+    if fn is None and qtype not in _FAST_TO_F32:
         raise CompatibilityError(f"ggml cannot dequantize type {info.name}")
-    out = np.empty(n_elements, dtype=np.float32)
+    if out is None:
+        out = np.empty(n_elements, dtype=np.float32)
+    if qtype in _FAST_TO_F32 and _convert(_FAST_TO_F32[qtype], src, 2, out, 4, n_elements):
+        return out
+    assert fn is not None
     fn(src.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n_elements)
     return out
 

@@ -23,7 +23,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,7 +50,7 @@ from .gguffile import (
 )
 from .gguffile import field as gguf_field
 from .imatrix import Imatrix, load_imatrix
-from .requant import GRID_TYPES, nearest_keeps, requantize_on_grid, seed_for
+from .requant import GRID_TYPES, nearest_keeps, requantize_on_grid, scratch, seed_for
 from .split import SPLIT_KEYS, GGUFModel, ModelTensor
 
 log = logging.getLogger(__name__)
@@ -277,24 +277,43 @@ def _owned(a: np.ndarray) -> bool:
     return True
 
 
-def _shift(job: _Job) -> np.ndarray:
-    """Σ λ_i Δ_i as float32 rows (rows x n_per_row), plus (full − dequant(base)) with a full-precision base."""
+def _shift_source(job: _Job) -> Callable[[int, int], np.ndarray]:
+    """Σ λ_i Δ_i (plus full − dequant(base) with a full-precision base) for an element range, as float32.
+
+    Full-form vectors are decoded range by range, so a big tensor's change is never whole in memory;
+    a low-rank vector's product is made once, up front.
+    """
     t = job.tensor
-    n_per_row = t.shape[-1]
-    out: np.ndarray | None = None
-    for av, lam in job.parts:
-        if out is None:
-            out = _scaled_delta(av, t.name, lam, n_per_row)
-        else:
-            with np.errstate(over="ignore", invalid="ignore"):  # reported below
-                out += _scaled_delta(av, t.name, lam, n_per_row)
-    assert out is not None
-    if job.full is not None:
-        out += ggml.dequantize(job.full.raw(), job.full.tensor_type, t.n_elements).reshape(-1, n_per_row)
-        out -= ggml.dequantize(t.raw(), t.tensor_type, t.n_elements).reshape(-1, n_per_row)
-    if len(job.parts) > 1 or abs(job.parts[0][1]) > 1 or job.full is not None:  # else finite: Δ was checked
+    # low-rank vectors are multiplied out here, once (the range function may run in several threads)
+    whole = {i: av.delta(t.name).reshape(-1) for i, (av, _) in enumerate(job.parts) if av.lora is not None}
+    base_block = ggml.type_info(t.tensor_type).block_size
+    base_size = ggml.type_info(t.tensor_type).type_size
+
+    def get(start: int, stop: int) -> np.ndarray:
+        out = scratch("shift", stop - start, np.float32)  # reused per thread: the caller is done with the last
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below
+            for i, (av, lam) in enumerate(job.parts):
+                if i == 0 and i not in whole:
+                    av.delta_range(t.name, start, stop, out)  # decoded straight into the buffer
+                    if lam != 1.0:
+                        out *= np.float32(lam)
+                    continue
+                part = whole[i][start:stop] if i in whole else av.delta_range(t.name, start, stop)
+                assert part is not None
+                if i == 0:
+                    np.multiply(part, np.float32(lam), out=out)
+                else:
+                    out += part if lam == 1.0 else part * np.float32(lam)
+            if job.full is not None:
+                full = job.full
+                fb, fs = ggml.type_info(full.tensor_type).block_size, ggml.type_info(full.tensor_type).type_size
+                out += ggml.dequantize(full.raw()[start // fb * fs : stop // fb * fs], full.tensor_type, stop - start)
+                raw = t.raw()[start // base_block * base_size : stop // base_block * base_size]
+                out -= ggml.dequantize(raw, t.tensor_type, stop - start)
         _check_finite(out, t.name, "the change Σ λ·Δ")
-    return out
+        return out
+
+    return get
 
 
 def _check_finite(values: np.ndarray, name: str, what: str) -> None:
@@ -317,29 +336,32 @@ def _merged_rows(job: _Job) -> np.ndarray:
     return w
 
 
-def _refresh_blocks(job: _Job, raw: np.ndarray, out: np.ndarray, shift: np.ndarray, bad: np.ndarray) -> None:
-    """Quantize the blocks ``bad`` afresh with ggml from their exact targets, in place in ``out``.
+def _fresh_blocks(job: _Job) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Quantizes blocks afresh with ggml from their exact targets: for blocks the base's grid cannot hold.
 
     A block is ggml's unit of quantization, so quantizing it alone gives the bytes it would get in its
     row (with an importance matrix, the block gets its own columns' importance).
     """
     qtype, t = job.qtype, job.tensor
     info = ggml.type_info(qtype)
-    bsize, tsize = info.block_size, info.type_size
-    src = raw.reshape(-1, tsize)[bad]
-    target = ggml.dequantize(src, qtype, bad.size * bsize).reshape(-1, bsize) + shift.reshape(-1, bsize)[bad]
-    dst = out.reshape(-1, tsize)
-    if job.imatrix is None:
-        dst[bad] = ggml.quantize(target, qtype, threads=1).reshape(-1, tsize)
-        return
-    per_row = t.shape[-1] // bsize
-    rows_per_mat = (t.n_elements // t.shape[-1]) // job.imatrix.shape[0]
-    mat = bad // per_row // rows_per_mat
-    col = bad % per_row
-    for m, c in {(int(a), int(b)) for a, b in zip(mat, col, strict=True)}:
-        sel = (mat == m) & (col == c)
-        imat = job.imatrix[m, c * bsize : (c + 1) * bsize]
-        dst[bad[sel]] = ggml.quantize(target[sel], qtype, imat, threads=1).reshape(-1, tsize)
+    bsize = info.block_size
+
+    def fresh(index: np.ndarray, blocks: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        target = ggml.dequantize(blocks, qtype, index.size * bsize).reshape(-1, bsize) + shift
+        if job.imatrix is None:
+            return ggml.quantize(target, qtype, threads=1).reshape(-1, info.type_size)
+        out = np.empty((index.size, info.type_size), dtype=np.uint8)
+        per_row = t.shape[-1] // bsize
+        rows_per_mat = (t.n_elements // t.shape[-1]) // job.imatrix.shape[0]
+        mat = index // per_row // rows_per_mat
+        col = index % per_row
+        for m, c in {(int(a), int(b)) for a, b in zip(mat, col, strict=True)}:
+            sel = (mat == m) & (col == c)
+            imat = job.imatrix[m, c * bsize : (c + 1) * bsize]
+            out[sel] = ggml.quantize(target[sel], qtype, imat, threads=1).reshape(-1, info.type_size)
+        return out
+
+    return fresh
 
 
 def run_job(job: _Job) -> tuple[np.ndarray, int]:
@@ -351,19 +373,23 @@ def run_job(job: _Job) -> tuple[np.ndarray, int]:
         if job.qtype == QT.F32:
             return rows.reshape(-1).view(np.uint8), 0
         return ggml.quantize(rows, job.qtype, job.imatrix, threads=job.threads), 0
-    shift = _shift(job)
+    shift = _shift_source(job)
     raw = t.raw()
     threads = job.threads or ggml.default_threads()
     try:
         out, refresh = requantize_on_grid(
-            raw, job.qtype, shift, job.rounding, seed_for(t.name), threads, noise_budget=job.policy.noise_budget
+            raw,
+            job.qtype,
+            shift,
+            job.rounding,
+            seed_for(t.name),
+            threads,
+            noise_budget=job.policy.noise_budget,
+            refresh_fn=_fresh_blocks(job),
         )
     except FormatError as e:
         raise FormatError(f"base model tensor {t.name}: {e}") from e
-    bad = np.flatnonzero(refresh)
-    if bad.size:
-        _refresh_blocks(job, raw, out, shift, bad)
-    return out, int(bad.size)
+    return out, int(refresh.sum())
 
 
 def _open_full_base(full_base: str | os.PathLike[str], model: GGUFModel) -> GGUFModel:
@@ -429,7 +455,7 @@ class MergePlan:
             job = _Job(t, parts, qtype, self.policy, imat_rows, full_tensors.get(t.name), threads, self.policy.rounding)
             if self.policy.name == "hifi" and qtype != t.tensor_type and t.tensor_type in GRID_TYPES:
                 # the base type is enough where its grid already keeps this change (large Δ, fine types)
-                kept, cos = nearest_keeps(t.raw(), t.tensor_type, _shift(job))
+                kept, cos = nearest_keeps(t.raw(), t.tensor_type, _shift_source(job))
                 if kept >= HIFI_MIN_KEPT and cos >= HIFI_MIN_COS:
                     job = replace(job, qtype=t.tensor_type)
             self.jobs[t.name] = job

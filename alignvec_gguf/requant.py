@@ -22,9 +22,11 @@ follow ggml-common.h and are checked against ggml's own dequantizer in the tests
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -38,7 +40,7 @@ _MIN_THRESHOLD = 0.01
 # adds: chosen with benchmarks/fidelity.py (README, 'Requantization and the knob')
 NOISE_BUDGET = 0.1
 _FAR = 1 << 12  # a shift of more steps than this leaves every grid: clipped to it before integer rounding
-_CHUNK_BLOCKS = 1 << 14  # blocks per numpy pass: bounds the temporaries to a few tens of MB
+_CHUNK_ELEMENTS = 1 << 19  # elements per numpy pass: its temporaries stay a few MB, reused per thread
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -321,7 +323,22 @@ def calibrate_threshold(x: np.ndarray, weight: np.ndarray, noise_budget: float |
     return t
 
 
-def _in_steps(codec: Codec, blocks: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+_local = threading.local()
+
+
+def scratch(key: str, n: int, dtype: type[np.generic]) -> np.ndarray:
+    """A reused per-thread buffer of ``n`` items: chunk temporaries that would otherwise be fresh pages
+    (page faults, zeroing) on every chunk of every tensor. The caller must be done with the previous
+    buffer of the same key in this thread."""
+    buf = _local.__dict__.get(key)
+    if buf is None or buf.size < n or buf.dtype != dtype:
+        buf = _local.__dict__[key] = np.empty(max(n, _CHUNK_ELEMENTS), dtype=dtype)
+    return buf[:n]
+
+
+def _in_steps(
+    codec: Codec, blocks: np.ndarray, shift: np.ndarray, reuse: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes, ``shift`` in steps of each element's group (0 where the step is 0), steps per group)."""
     q, step, _ = codec.unpack(blocks)
     if np.isnan(step).any():
@@ -329,30 +346,59 @@ def _in_steps(codec: Codec, blocks: np.ndarray, shift: np.ndarray) -> tuple[np.n
     n, g = step.shape
     inv = np.zeros_like(step)
     np.divide(np.float32(1), step, out=inv, where=step != 0)
+    x = scratch("x", shift.size, np.float32) if reuse else np.empty(shift.size, np.float32)
     with np.errstate(over="ignore"):  # a shift of more than float32's steps is clipped to _FAR anyway
-        x = np.multiply(shift.reshape(n, g, -1), inv[:, :, None], dtype=np.float32).reshape(n, -1)
-    return q, x, step
+        np.multiply(shift.reshape(n, g, -1), inv[:, :, None], out=x.reshape(n, g, -1))
+    return q, x.reshape(n, -1), step
 
 
-def _sample_threshold(codec: Codec, blocks: np.ndarray, shift: np.ndarray, noise_budget: float | None) -> float:
-    """Calibrate on an evenly spaced sample of blocks (the whole tensor when it is small)."""
-    every = max(1, blocks.shape[0] * codec.block_size // _SAMPLE)
-    _, x, step = _in_steps(codec, blocks[::every], shift[::every])
+# The change to add, as an array (one float32 per element) or as a function of an element range that
+# returns those elements (a merge decodes a big tensor's vector chunk by chunk).
+Shift = Union[np.ndarray, Callable[[int, int], np.ndarray]]
+
+
+def _source(shift: Shift) -> Callable[[int, int], np.ndarray]:
+    if callable(shift):
+        return shift
+    flat = np.ascontiguousarray(shift, dtype=np.float32).reshape(-1)
+    return lambda a, b: flat[a:b]
+
+
+def _sample(codec: Codec, blocks: np.ndarray, shift: Shift) -> tuple[np.ndarray, np.ndarray]:
+    """(blocks, their shift) of a sample: 16 evenly spaced runs of blocks, :data:`_SAMPLE` elements in all.
+
+    Runs rather than single blocks, so that a chunked source decodes a few ranges, not thousands.
+    """
+    get, n, bs = _source(shift), blocks.shape[0], codec.block_size
+    if n * bs <= _SAMPLE:
+        return blocks, get(0, n * bs).reshape(n, bs).copy()
+    runs = 16
+    length = max(1, _SAMPLE // bs // runs)
+    starts = np.unique(np.linspace(0, n - length, runs).astype(np.int64))
+    b = np.concatenate([blocks[s : s + length] for s in starts])
+    # copies: a chunked source may hand out one reused buffer
+    sh = np.concatenate([get(int(s) * bs, (int(s) + length) * bs).copy() for s in starts]).reshape(-1, bs)
+    return b, sh
+
+
+def _sample_threshold(codec: Codec, blocks: np.ndarray, shift: Shift, noise_budget: float | None) -> float:
+    """Calibrate on a sample of blocks (the whole tensor when it is small)."""
+    b, sh = _sample(codec, blocks, shift)
+    _, x, step = _in_steps(codec, b, sh)
     return calibrate_threshold(x, per_element(step * step, codec.block_size), noise_budget)
 
 
-def nearest_keeps(raw: np.ndarray, qtype: QT, shift: np.ndarray) -> tuple[float, float]:
+def nearest_keeps(raw: np.ndarray, qtype: QT, shift: Shift) -> tuple[float, float]:
     """(share kept, cosine) of ``shift`` when it is rounded to the nearest point of the base's grid.
 
-    Measured in weight space on an evenly spaced sample of blocks: it tells whether the base type is
-    fine enough for this change, or whether the tensor needs a finer type to keep the knob.
+    Measured in weight space on a sample of blocks: it tells whether the base type is fine enough
+    for this change, or whether the tensor needs a finer type to keep the knob.
     """
     codec = _codec(qtype)
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, codec.type_size)
-    shift = np.ascontiguousarray(shift, dtype=np.float32).reshape(-1, codec.block_size)
-    every = max(1, blocks.shape[0] * codec.block_size // _SAMPLE)
-    want = shift[::every].astype(np.float64)
-    q, x, step = _in_steps(codec, blocks[::every], shift[::every])
+    b, sh = _sample(codec, blocks, shift)
+    want = sh.astype(np.float64)
+    q, x, step = _in_steps(codec, b, sh)
     got = (np.clip(q + np.rint(x), codec.qmin, codec.qmax) - q) * per_element(step, codec.block_size)
     ref = float((want * want).sum())
     if ref == 0.0:
@@ -365,58 +411,64 @@ def nearest_keeps(raw: np.ndarray, qtype: QT, shift: np.ndarray) -> tuple[float,
 def requantize_on_grid(
     raw: np.ndarray,
     qtype: QT,
-    shift: np.ndarray,
+    shift: Shift,
     rounding: str = "nearest",
     seed: int = 0,
     threads: int = 1,
     *,
     noise_budget: float | None = None,
+    refresh_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Add ``shift`` (float32, one value per element) to a quantized tensor on its own grid.
+    """Add ``shift`` (float32, one value per element, or a function of an element range) to a quantized
+    tensor on its own grid; a function is called once per chunk of blocks, in order.
 
     Returns the new raw bytes (same type, same scales) and, per block, whether the block's grid cannot
     hold its new values: a code would leave the type's range by more than one step. Such blocks
     should be quantized afresh (the merge does it with ggml). A code that leaves it by one step (the
     extreme element of a block pushed outwards) is clipped instead: that costs at most one step on
     one element, where a fresh quantization would redo the whole block. Elements of a block whose
-    step is zero cannot move.
+    step is zero cannot move. ``refresh_fn(block indices, their raw blocks, their shift rows)``, if given,
+    returns those blocks quantized afresh; it is called chunk by chunk, while the shift is at hand.
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     codec = _codec(qtype)
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, codec.type_size)
-    shift = np.ascontiguousarray(shift, dtype=np.float32).reshape(-1, codec.block_size)
-    if shift.shape[0] != blocks.shape[0]:
-        raise CompatibilityError(
-            f"{qtype.name}: shift has {shift.size} elements but the tensor holds {blocks.shape[0] * codec.block_size}"
-        )
+    get, bs = _source(shift), codec.block_size
+    if not callable(shift) and np.size(shift) != blocks.shape[0] * bs:
+        raise CompatibilityError(f"{qtype.name}: {np.size(shift)} shift values for {blocks.shape[0] * bs} elements")
     threshold = _sample_threshold(codec, blocks, shift, noise_budget) if rounding == "calibrated" else 0.5
     out = np.empty_like(blocks)
     refresh = np.zeros(blocks.shape[0], dtype=bool)
-    step_blocks = max(1, _CHUNK_BLOCKS * 32 // codec.block_size)
+    step_blocks = max(1, _CHUNK_ELEMENTS // codec.block_size)
 
     def chunk(i: int) -> None:
         b0 = i * step_blocks
         b = blocks[b0 : b0 + step_blocks]
-        q, x, _ = _in_steps(codec, b, shift[b0 : b0 + len(b)])
+        sh = get(b0 * bs, (b0 + len(b)) * bs).reshape(-1, bs)
+        q, x, _ = _in_steps(codec, b, sh, reuse=True)
         np.clip(x, -_FAR, _FAR, out=x)  # keeps the int16 moves below exact
-        moves = np.empty(x.shape, dtype=np.int16)  # whole steps each code moves
+        moves = scratch("moves", x.size, np.int16).reshape(x.shape)  # whole steps each code moves
         if rounding == "dither":  # one generator per chunk: the result does not depend on the threads
             x += np.random.default_rng([seed, i]).random(x.shape, dtype=np.float32)
             np.floor(x, out=moves, casting="unsafe")
         elif threshold == 0.5:
             np.rint(x, out=moves, casting="unsafe")
         else:  # sign(x)·floor(|x| + 1 − t)
-            a = np.abs(x)
+            a = np.abs(x, out=scratch("abs", x.size, np.float32).reshape(x.shape))
             a += np.float32(1.0 - threshold)
             np.floor(a, out=a)
             np.copysign(a, x, out=moves, casting="unsafe")
         moves += q  # the new codes, still unclipped
+        bad = np.zeros(0, dtype=np.int64)
         if moves.size and (moves.min() < codec.qmin - 1 or moves.max() > codec.qmax + 1):
             # rare: find the blocks only then (reductions over short rows are slow)
-            refresh[b0 : b0 + len(b)] = ((moves < codec.qmin - 1) | (moves > codec.qmax + 1)).any(axis=1)
+            bad = np.flatnonzero(((moves < codec.qmin - 1) | (moves > codec.qmax + 1)).any(axis=1))
+            refresh[b0 + bad] = True
         np.clip(moves, codec.qmin, codec.qmax, out=moves)
         out[b0 : b0 + len(b)] = codec.pack(b, moves)
+        if refresh_fn is not None and bad.size:
+            out[b0 + bad] = refresh_fn(b0 + bad, b[bad], sh[bad])
 
     n_chunks = -(-blocks.shape[0] // step_blocks)
     if threads > 1 and n_chunks > 1:  # numpy releases the GIL in these array operations

@@ -310,3 +310,39 @@ def test_split_base_reads_like_one_file(llama_pair, typed_bases, tmp_path):
     first.with_name(first.name.replace("00001-of", "00003-of")).unlink()
     with pytest.raises(Exception, match="missing"):
         merge(first, {llama_pair.av: 0.5}, tmp_path / "c.gguf")
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
+def test_grid_requantization_from_a_chunked_source_equals_the_whole_array(qtype):
+    """A merge feeds the change chunk by chunk from one reused buffer: same bytes as from the whole array."""
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((2100, 1024)).astype(np.float32)  # more than one chunk of 2^19 elements
+    raw = ggml.quantize(rows, qtype)
+    shift = (0.3 * rng.standard_normal(rows.size)).astype(np.float32)
+    buffer = np.empty(1 << 19, np.float32)
+    calls = []
+
+    def source(a: int, b: int) -> np.ndarray:
+        calls.append((a, b))
+        out = buffer[: b - a]
+        out[...] = shift[a:b]
+        return out
+
+    for rounding in ("nearest", "calibrated", "dither"):
+        whole = requant.requantize_on_grid(raw, qtype, shift, rounding, seed=3)
+        chunked = requant.requantize_on_grid(raw, qtype, source, rounding, seed=3)
+        assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
+    assert len({b - a for a, b in calls}) > 1  # both sampled runs and chunks came from the source
+
+
+def test_vector_ranges_equal_the_whole_delta(llama_pair):
+    from alignvec_gguf import AlignmentVector
+
+    av = AlignmentVector(llama_pair.av)
+    for name in av.names:
+        whole = av.delta(name).reshape(-1)
+        n = whole.size
+        cut = n // 64 * 32
+        assert np.array_equal(av.delta_range(name, 0, cut), whole[:cut])
+        out = np.empty(n - cut, np.float32)
+        assert av.delta_range(name, cut, n, out) is out and np.array_equal(out, whole[cut:])

@@ -313,6 +313,8 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .merge import DEFAULT_POLICY as default_policy
+
     parser = _Parser(prog="alignvec", description="Alignment vectors as a dial for llama.cpp GGUF models.")
     parser.add_argument("--version", action="version", version=f"alignvec-gguf {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
@@ -388,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="eval set JSON: [{domain, prompt, responses: {avoidance, generic, expert}}]")
     p.add_argument("--lambdas", type=float, nargs="+", default=[-1.5, -1.0, -0.5, 0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5])
     p.add_argument("--compare", metavar="BASE", help="a second base (e.g. the F32 one) evaluated the same way")
-    p.add_argument("--requant", default="same", help="type for merged tensors: same (default) or q8_0, f16, ...")
+    p.add_argument("--requant", default=default_policy, help=f"requant policy of the merges (default {default_policy})")
     p.add_argument("--search", action="store_true", help="also search one λ per domain for all target combinations")
     p.add_argument("--grid", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0], help="search grid")
     p.add_argument("--threshold", type=float, default=0.5, help="target share that counts as reached (search)")

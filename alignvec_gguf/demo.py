@@ -219,6 +219,7 @@ def run_demo(
     lambdas: Sequence[float] = DEFAULT_LAMBDAS, n_tokens: int = 48, quiet: bool = False, table: bool = True
 ) -> int:
     """Answer the demo question at each λ, print the answers side by side, then the accuracy table."""
+    from .merge import DEFAULT_POLICY
     from .report import eval_table
 
     answers = generate_answers(lambdas, n_tokens, progress=not quiet)
@@ -231,5 +232,5 @@ def run_demo(
         result = accuracy_table(progress=not quiet)
         print()
         print(table_intro())
-        print(eval_table(result, title=f"Q4_K_M base ({BASE_FILE}), requant same:"))
+        print(eval_table(result, title=f"Q4_K_M base ({BASE_FILE}), requant {DEFAULT_POLICY}:"))
     return 0

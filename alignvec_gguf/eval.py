@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .avfile import AlignmentVector
 from .errors import FormatError, InputError
-from .merge import VectorRef, merge
+from .merge import DEFAULT_POLICY, VectorRef, merge
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -215,7 +215,7 @@ def score_mix(
     groups: Mapping[str, Sequence[EvalItem]],
     work_dir: Path,
     *,
-    requant: str = "same",
+    requant: str = DEFAULT_POLICY,
     n_threads: int | None = None,
 ) -> dict[str, Shares]:
     """Merge one mix of vectors and return each domain's level shares under it."""
@@ -262,7 +262,7 @@ def evaluate(
     items: Sequence[EvalItem],
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     *,
-    requant: str = "same",
+    requant: str = DEFAULT_POLICY,
     n_threads: int | None = None,
     progress: bool = False,
     desc: str = "eval",

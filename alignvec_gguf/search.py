@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .errors import InputError
 from .eval import LEVELS, EvalItem, Shares, by_domain, check_lambdas, check_vectors, score_mix
-from .merge import VectorRef
+from .merge import DEFAULT_POLICY, VectorRef
 
 DEFAULT_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
 DEFAULT_THRESHOLD = 0.5
@@ -113,7 +113,7 @@ def search(
     grid: Sequence[float] = DEFAULT_GRID,
     *,
     threshold: float = DEFAULT_THRESHOLD,
-    requant: str = "same",
+    requant: str = DEFAULT_POLICY,
     n_threads: int | None = None,
     progress: bool = False,
 ) -> SearchResult:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,10 @@ class _Shard:
             raise FormatError(f"{what} {path} changed while it was being read; open it again once it is complete")
 
     def value(self, kv: KeyValue) -> Any:
-        return decode_value(self.map[kv.value_start : kv.end].data, kv.vtype)
+        try:
+            return decode_value(self.map[kv.value_start : kv.end].data, kv.vtype)
+        except (struct.error, UnicodeDecodeError, ValueError):  # only if the file changed since the check
+            raise FormatError(f"{self.path} changed while it was being read; open it again when complete") from None
 
 
 _TYPED = {QT.F32: np.float32, QT.F16: np.float16}

@@ -22,6 +22,7 @@ import pytest
 import tinymodels as tm
 import torch
 from safetensors.torch import load_file, save_file
+from tinymodels import assert_one_line_error
 
 from alignvec_gguf.cli import main, one_line
 
@@ -46,15 +47,9 @@ def cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Callable[..., str
             rc = main(["-q", *(str(a) for a in argv)])
         except SystemExit as e:  # argparse's usage errors
             rc = int(e.code or 0)
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert rc == 2, err
-        assert len(lines) == 1, err
-        assert "Traceback" not in err
-        for needle in needles:
-            assert needle in lines[0], lines[0]
+        line = assert_one_line_error(rc, capsys.readouterr().err, *needles)
         assert snapshot(tmp_path) == before, "something was written"
-        return lines[0]
+        return line
 
     return run
 

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import tinymodels as tm
+from tinymodels import assert_one_line_error
 
 from alignvec_gguf.avfile import AlignmentVector, AVInfo, write_av
 from alignvec_gguf.cli import main
@@ -28,15 +29,6 @@ def run_cli(capsys):
         return int(exc.value.code or 0), err
 
     return run
-
-
-def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _bad_av(llama_pair, tmp_path, name: str, **changes) -> str:

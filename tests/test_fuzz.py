@@ -8,7 +8,6 @@ the benchmark runs ten thousand in a subprocess that may crash.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,20 +18,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tinymodels import load_fuzz
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_fuzz() -> Any:
-    spec = importlib.util.spec_from_file_location("alignvec_fuzz", REPO / "benchmarks" / "fuzz.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz()
+fuzz = load_fuzz()
 FUZZ = settings(
     max_examples=300,
     derandomize=True,

@@ -14,10 +14,8 @@ signature, truncated vector, noise, a model given as vector, NaN in an F32 full-
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import shutil
 import struct
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 from gguf import GGUFValueType
+from tinymodels import assert_one_line_error, load_fuzz
 
 from alignvec_gguf import ggufcheck
 from alignvec_gguf.avfile import AlignmentVector
@@ -34,19 +33,7 @@ from alignvec_gguf.gguffile import open_gguf
 from alignvec_gguf.merge import merge
 from alignvec_gguf.split import GGUFModel
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_fuzz() -> Any:
-    spec = importlib.util.spec_from_file_location("alignvec_fuzz", REPO / "benchmarks" / "fuzz.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz()
+fuzz = load_fuzz()
 STR, ARR, U32 = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.UINT32
 
 
@@ -70,15 +57,6 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]
     return run
 
 
-def assert_one_line(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def check_cli(
     run_cli: Callable[..., tuple[int, str]], tiny: dict[str, Any], bad: Path, role: str, *needles: str
 ) -> None:
@@ -88,7 +66,7 @@ def check_cli(
     before = sha256(base)
     out = bad.parent / "merged.gguf"
     rc, err = run_cli("merge", base, "-v", f"{av}=0.5", "-o", out)
-    assert_one_line(rc, err, *needles)
+    assert_one_line_error(rc, err, *needles)
     assert sha256(base) == before
     assert not out.exists()
     assert not list(bad.parent.glob(".merged.gguf.*")), "a temporary file was left behind"
@@ -233,7 +211,7 @@ def test_broken_file(case, role, tiny, tmp_path, run_cli):
         open_gguf(bad)
     assert needle in str(e.value) and bad.name in str(e.value) and "\n" not in str(e.value)
     rc, err = run_cli("inspect", bad)
-    assert_one_line(rc, err, needle, bad.name)
+    assert_one_line_error(rc, err, needle, bad.name)
     check_cli(run_cli, tiny, bad, role, needle)
 
 
@@ -247,11 +225,11 @@ def test_caps_on_strings_and_arrays(tiny, tmp_path, run_cli, monkeypatch):
     open_gguf(bad)
     monkeypatch.setattr(ggufcheck, "MAX_STRING", 3)  # "llama" is 5 bytes
     rc, err = run_cli("inspect", bad)
-    assert_one_line(rc, err, "value of general.architecture", "limit is 3")
+    assert_one_line_error(rc, err, "value of general.architecture", "limit is 3")
     monkeypatch.setattr(ggufcheck, "MAX_STRING", 16)
     monkeypatch.setattr(ggufcheck, "MAX_HEADER", 300)  # the header is 704 bytes
     rc, err = run_cli("inspect", bad)
-    assert_one_line(rc, err, "runs past 0 MiB, the limit for a header")
+    assert_one_line_error(rc, err, "runs past 0 MiB, the limit for a header")
 
 
 # --- truncation at every section boundary of a real base model and a real vector ------------------------
@@ -293,12 +271,12 @@ def test_truncated_everywhere(section, role, llama_pair, quantized_bases, tmp_pa
         message = str(e.value)
         assert ("truncated" in message or "not a valid GGUF" in message) and bad.name in message, (cut, message)
         rc, err = run_cli("inspect", bad)
-        assert_one_line(rc, err, bad.name)
+        assert_one_line_error(rc, err, bad.name)
         merged_base = base if role == "av" else bad
         before = sha256(merged_base)
         av = bad if role == "av" else llama_pair.av
         rc, err = run_cli("merge", merged_base, "-v", f"{av}=0.5", "-o", tmp_path / "out.gguf")
-        assert_one_line(rc, err, bad.name)
+        assert_one_line_error(rc, err, bad.name)
         assert sha256(merged_base) == before and not (tmp_path / "out.gguf").exists()
 
 

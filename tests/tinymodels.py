@@ -375,3 +375,32 @@ def assert_layout_oracle(av_path: Path, base_gguf: Path, aligned_gguf: Path) -> 
             continue
         assert av.shape(name) == expected.shape, name
         np.testing.assert_array_equal(av.delta(name), expected, err_msg=name)
+
+
+# --- shared assertions and helpers of the bad-input tests ------------------------------------------
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
+    """Exit status 2, exactly one non-empty stderr line holding every needle, no traceback; returns the line."""
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def load_fuzz():  # noqa: ANN201
+    """benchmarks/fuzz.py as a module (its seed files and mutation engine serve the tests too); loaded once."""
+    import importlib.util
+
+    if "alignvec_fuzz" in sys.modules:
+        return sys.modules["alignvec_fuzz"]
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz.py"
+    spec = importlib.util.spec_from_file_location("alignvec_fuzz", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -158,7 +158,17 @@ def _add_storage_tensor(writer: GGUFWriter, name: str, data: np.ndarray, dtype: 
     content.update(np.ascontiguousarray(stored).data)
 
 
-def _put_info(writer: GGUFWriter, info: AVInfo, adapter_type: str, form: str) -> None:
+def _put_info(
+    writer: GGUFWriter, info: AVInfo | Callable[[], AVInfo], architecture: str, form: str, content: Any
+) -> None:
+    """The metadata of either form, ``info`` evaluated now if it is a callable; ``content`` is the sha256
+    that took every stored tensor's bytes."""
+    if callable(info):
+        info = info()
+    if info.architecture != architecture:
+        raise ValueError(f"info is for {info.architecture!r}, file for {architecture!r}")
+    adapter_type = ADAPTER_TYPE_LORA if form == "lora" else ADAPTER_TYPE_FULL
+
     def put(key: str, value: str) -> None:  # add_string would drop empty strings
         writer.add_key_value(key, value, GGUFValueType.STRING)
 
@@ -174,6 +184,7 @@ def _put_info(writer: GGUFWriter, info: AVInfo, adapter_type: str, form: str) ->
     put(K_BASE_SIGNATURE, info.base_signature)
     put(K_BASE_FINGERPRINT, info.base_fingerprint)
     put(K_PRODUCER, info.producer or producer())
+    put(K_CONTENT_SHA256, content.hexdigest())
 
 
 def write_av(
@@ -205,12 +216,7 @@ def write_av(
                     continue
                 _add_storage_tensor(writer, name, delta, dtype, content)
                 written += 1
-            if callable(info):
-                info = info()
-            if info.architecture != architecture:
-                raise ValueError(f"info is for {info.architecture!r}, file for {architecture!r}")
-            _put_info(writer, info, ADAPTER_TYPE_FULL, "full")
-            writer.add_string(K_CONTENT_SHA256, content.hexdigest())
+            _put_info(writer, info, architecture, "full", content)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -267,14 +273,9 @@ def write_lowrank_av(
                 _add_storage_tensor(writer, name + LORA_A, lora_a, dtype, content)
                 _add_storage_tensor(writer, name + LORA_B, lora_b, dtype, content)
                 written += 1
-            if callable(info):
-                info = info()
             if callable(stats):
                 stats = stats()
-            if info.architecture != architecture:
-                raise ValueError(f"info is for {info.architecture!r}, file for {architecture!r}")
-            _put_info(writer, info, ADAPTER_TYPE_LORA, "lora")
-            writer.add_string(K_CONTENT_SHA256, content.hexdigest())
+            _put_info(writer, info, architecture, "lora", content)
             writer.add_float32(K_LORA_ALPHA, float(alpha))
             writer.add_uint32(K_LORA_RANK, int(stats.rank))
             writer.add_float32(K_LORA_ENERGY, float(stats.energy))

@@ -304,3 +304,144 @@ def quantize(
         with ThreadPoolExecutor(n_threads) as pool:
             list(pool.map(lambda c: run(*c), chunks))
     return out
+
+
+# --- ggml's backend registry (libggml): which buffer types the CPU backend offers for weights -----------
+
+_BACKEND_NAMES = {"darwin": "libggml.dylib", "win32": "ggml.dll"}
+_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
+_TENSOR_BUFFER_OFFSET = 8  # struct ggml_tensor { enum ggml_type type; ggml_backend_buffer * buffer; ...
+
+
+class _InitParams(ctypes.Structure):
+    """``struct ggml_init_params`` (ggml/include/ggml.h)."""
+
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+class _Feature(ctypes.Structure):
+    """``struct ggml_backend_feature`` (ggml/include/ggml-backend.h)."""
+
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+
+_extra_bufts_t = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
+_get_features_t = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)
+
+
+def _sig(lib: ctypes.CDLL, name: str, args: list, res: object) -> None:
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = args, res
+
+
+@cache
+def _backend_lib() -> ctypes.CDLL | None:
+    """``libggml`` beside ``libggml-base`` (the backend registry); None where the build has none."""
+    path = _library_path().with_name(_BACKEND_NAMES.get(sys.platform, "libggml.so"))
+    try:
+        reg = ctypes.CDLL(str(path))
+        P, S = ctypes.c_void_p, ctypes.c_char_p
+        _sig(reg, "ggml_backend_reg_by_name", [S], P)
+        _sig(reg, "ggml_backend_reg_get_proc_address", [P, S], P)
+        _sig(reg, "ggml_backend_dev_by_type", [ctypes.c_int], P)
+        _sig(reg, "ggml_backend_dev_count", [], ctypes.c_size_t)
+        _sig(reg, "ggml_backend_dev_get", [ctypes.c_size_t], P)
+    except (OSError, AttributeError):
+        return None
+    base = _lib()
+    P = ctypes.c_void_p
+    _sig(base, "ggml_backend_dev_name", [P], ctypes.c_char_p)
+    _sig(base, "ggml_backend_dev_type", [P], ctypes.c_int)
+    _sig(base, "ggml_backend_dev_supports_op", [P, P], ctypes.c_bool)
+    _sig(base, "ggml_backend_buft_name", [P], ctypes.c_char_p)
+    _sig(base, "ggml_backend_buft_alloc_buffer", [P, ctypes.c_size_t], P)
+    _sig(base, "ggml_backend_buffer_free", [P], None)
+    _sig(base, "ggml_tensor_overhead", [], ctypes.c_size_t)
+    _sig(base, "ggml_init", [_InitParams], P)
+    _sig(base, "ggml_free", [P], None)
+    _sig(base, "ggml_new_tensor_2d", [P, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], P)
+    _sig(base, "ggml_mul_mat", [P, P, P], P)
+    return reg
+
+
+def devices() -> list[tuple[str, str]]:
+    """(name, kind) of every device ggml's registry knows: ``("CPU", "CPU")``, ``("CUDA0", "GPU")``..."""
+    reg = _backend_lib()
+    if reg is None:
+        return []
+    base = _lib()
+    out = []
+    for i in range(int(reg.ggml_backend_dev_count())):
+        dev = reg.ggml_backend_dev_get(i)
+        out.append((base.ggml_backend_dev_name(dev).decode(), _DEVICE_TYPES.get(base.ggml_backend_dev_type(dev), "?")))
+    return out
+
+
+def cpu_extra_buffer_types() -> dict[str, int]:
+    """name -> handle of each extra buffer type the CPU backend offers for weights, in llama.cpp's order.
+
+    llama.cpp (``make_cpu_buft_list``) tries these before the plain CPU buffer for every weight, first
+    match wins: ``AMX`` (built with AMX and the kernel granted the tile state), ``KLEIDIAI``,
+    ``CPU_REPACK`` (interleaved layouts for Q4_0/Q4_K/IQ4_NL/... on AVX2 and NEON).
+    """
+    reg = _backend_lib()
+    if reg is None:
+        return {}
+    cpu_reg = reg.ggml_backend_reg_by_name(b"CPU")
+    cpu_dev = reg.ggml_backend_dev_by_type(0)
+    if not cpu_reg or not cpu_dev:
+        return {}
+    addr = reg.ggml_backend_reg_get_proc_address(cpu_reg, b"ggml_backend_dev_get_extra_bufts")
+    if not addr:
+        return {}
+    bufts = _extra_bufts_t(addr)(cpu_dev)
+    out: dict[str, int] = {}
+    i = 0
+    while bufts and bufts[i]:
+        out[_lib().ggml_backend_buft_name(bufts[i]).decode()] = int(bufts[i])
+        i += 1
+    return out
+
+
+def cpu_backend_features() -> dict[str, str]:
+    """The CPU backend's own account of its build (``AVX2``, ``AVX512``, ``AMX_INT8``, ``REPACK``...)."""
+    reg = _backend_lib()
+    cpu_reg = reg.ggml_backend_reg_by_name(b"CPU") if reg is not None else None
+    addr = reg.ggml_backend_reg_get_proc_address(cpu_reg, b"ggml_backend_get_features") if reg and cpu_reg else None
+    if not addr:
+        return {}
+    feats = _get_features_t(addr)(cpu_reg)
+    out: dict[str, str] = {}
+    i = 0
+    while feats and feats[i].name:
+        out[feats[i].name.decode()] = (feats[i].value or b"").decode()
+        i += 1
+    return out
+
+
+def buft_takes_weight(buft: int, qtype: QT, ne0: int, ne1: int) -> bool:
+    """Whether the CPU backend computes ``mul_mat(W, x)`` with W (``ne0`` x ``ne1``, ``qtype``) in ``buft``.
+
+    The same question llama.cpp asks before it places a weight in an extra buffer type
+    (``weight_buft_supported`` in src/llama-model-loader.cpp): a metadata-only mul_mat whose weight sits
+    in a zero-size buffer of that type, put to the CPU device's ``supports_op``.
+    """
+    reg = _backend_lib()
+    if reg is None:
+        return False
+    base = _lib()
+    cpu_dev = reg.ggml_backend_dev_by_type(0)
+    ctx = base.ggml_init(_InitParams(base.ggml_tensor_overhead() * 8, None, True))
+    if not ctx or not cpu_dev:
+        return False
+    buf = base.ggml_backend_buft_alloc_buffer(ctypes.c_void_p(buft), 0)
+    try:
+        w = base.ggml_new_tensor_2d(ctx, int(qtype), ne0, ne1)
+        x = base.ggml_new_tensor_2d(ctx, int(QT.F32), ne0, 512)
+        op = base.ggml_mul_mat(ctx, w, x)
+        ctypes.c_void_p.from_address(w + _TENSOR_BUFFER_OFFSET).value = buf
+        return bool(base.ggml_backend_dev_supports_op(cpu_dev, op))
+    finally:
+        if buf:
+            base.ggml_backend_buffer_free(buf)
+        base.ggml_free(ctx)

@@ -312,6 +312,25 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .cpu import system_report
+
+    if args.model is not None and not Path(args.model).is_file():
+        raise InputError(f"model {args.model} does not exist")
+    report = system_report(args.model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        if isinstance(value, dict):
+            value = " ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value) or "-"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .merge import DEFAULT_POLICY as default_policy
 
@@ -418,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("doctor", help="llama.cpp build, CPU features, weight buffer types and the AMX guard")
+    p.add_argument("model", nargs="?", help="also show how this GGUF's weights would be placed")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -9,8 +9,9 @@ repacked into the CPU's interleaved layout (Q4_K and friends), and the whole mod
 memory instead of memory-mapped. benchmarks/merge.py measures the trade; see README, "Cache and load
 modes": the cached merged file is the default.
 
-``Llama`` only loads from a path, so :func:`load_direct` swaps llama-cpp-python's model loader for
-``llama_model_init_from_user`` while it builds the ``Llama`` object (under a lock: one at a time).
+``Llama`` only loads from a path, so :func:`load_direct` hands ``cpu.new_llama`` a loader that calls
+``llama_model_init_from_user``: it replaces llama.cpp's file loader for that one load only, in this thread
+(``cpu.py``); a ``Llama`` built elsewhere at the same time loads its own file.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import ggml
+from .cpu import new_llama
 from .errors import AlignVecError, CompatibilityError
 from .imatrix import Imatrix
 from .merge import DEFAULT_POLICY, MergePlan, Vectors, run_job
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
-_swap = threading.Lock()
 # optional tensors whose neutral value is 1 (multiplicative); every other missing one is 0 (additive)
 _NEUTRAL_ONE = (".scale", ".input_scale", "rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
@@ -84,7 +84,6 @@ def load_direct(
 ) -> Llama:
     """A ``llama_cpp.Llama`` of base + Σ λ_i Δ_i built in memory, with no merged file on disk."""
     import llama_cpp.llama_cpp as C
-    from llama_cpp import Llama
 
     plan = MergePlan(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base)
     if plan.model.is_split:
@@ -99,20 +98,15 @@ def load_direct(
         for name, job in plan.jobs.items():
             if job.qtype != job.tensor.tensor_type:
                 lib.gguf_set_tensor_type(gctx, name.encode(), int(job.qtype))
-        original = C.llama_model_load_from_file
 
         def from_user(_path: bytes, params: Any) -> Any:
             return C.llama_model_init_from_user(gctx, callback, None, params)
 
         llama_kwargs.setdefault("verbose", False)
-        with _swap:
-            C.llama_model_load_from_file = from_user
-            try:
-                llm = Llama(model_path=str(plan.base), **llama_kwargs)
-            except ValueError as e:
-                raise uploader.error or AlignVecError(f"llama.cpp could not build the model in memory ({e})") from e
-            finally:
-                C.llama_model_load_from_file = original
+        try:
+            llm = new_llama(plan.base, loader=from_user, **llama_kwargs)
+        except ValueError as e:
+            raise uploader.error or AlignVecError(f"llama.cpp could not build the model in memory ({e})") from e
         if uploader.error is not None:
             llm.close()
             raise uploader.error

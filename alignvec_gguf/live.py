@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Union
 import numpy as np
 
 from .avfile import AlignmentVector
+from .cpu import new_llama
 from .errors import AlignVecError, CompatibilityError, FormatError, InputError
 from .gguffile import field as gguf_field
 from .gguffile import open_gguf
@@ -111,11 +112,10 @@ class LiveModel:
             self._log_dropped(v)
 
         import llama_cpp
-        from llama_cpp import Llama
 
         self._llama_cpp = llama_cpp
         llama_kwargs.setdefault("verbose", False)
-        self.llm: Llama = Llama(model_path=str(self.base), **llama_kwargs)
+        self.llm: Llama = new_llama(self.base, **llama_kwargs)
         adapters = []
         for v in self.vectors:
             adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(v.vector.path).encode())

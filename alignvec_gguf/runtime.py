@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cache import MergeCache, check_base
+from .cpu import new_llama
 from .errors import InputError
 from .merge import DEFAULT_POLICY, Vectors, open_vectors
 
@@ -42,12 +43,10 @@ def load(
 
     ``requant``, ``imatrix`` and ``full_base`` are as for :func:`alignvec_gguf.merge`; ``mode`` is
     ``"cached"`` (default) or ``"direct"`` (see the module doc). Extra keyword arguments go to
-    ``llama_cpp.Llama`` (``n_ctx``, ``n_gpu_layers``, ``seed``...).
+    ``llama_cpp.Llama`` (``n_ctx``, ``n_gpu_layers``, ``seed``...), and ``allow_amx`` to the CPU guard
+    (``alignvec_gguf.cpu``: on Intel AMX CPUs the model is loaded so that llama.cpp's crashing AMX kernel
+    is never used; ``allow_amx=True`` restores llama.cpp's own choice).
     """
-    try:
-        from llama_cpp import Llama
-    except ImportError as e:  # pragma: no cover - llama-cpp-python is a dependency
-        raise InputError("llama-cpp-python is not installed: pip install llama-cpp-python") from e
     if mode not in LOAD_MODES:
         raise InputError(f"unknown load mode {mode!r}; use one of {', '.join(LOAD_MODES)}")
     llama_kwargs.setdefault("verbose", False)
@@ -57,7 +56,7 @@ def load(
         open_vectors(vectors)
         path = Path(base)
         check_base(path)
-        return Llama(model_path=str(path), **llama_kwargs)
+        return new_llama(path, **llama_kwargs)
     if mode == "direct":
         from .direct import load_direct
 
@@ -67,5 +66,5 @@ def load(
         path = cache.get(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, progress=progress)
         with cache.using(path):  # eviction by another process leaves an entry alone while it is being opened
             if path.exists():  # else it was evicted between the lookup and the lock: look up again
-                return Llama(model_path=str(path), **llama_kwargs)
+                return new_llama(path, **llama_kwargs)
     raise InputError(f"the cache {cache.dir} keeps evicting this mix; raise ALIGNVEC_CACHE_MAX")

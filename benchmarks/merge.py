@@ -213,9 +213,8 @@ def decode_speed(llm: Any) -> float:
 
 def speed(spec: dict[str, Any]) -> dict[str, Any]:
     """Plain load and decode of a GGUF file, or a cached load() of the mix (spec['mix'])."""
-    from llama_cpp import Llama
-
     from alignvec_gguf import load
+    from alignvec_gguf.cpu import new_llama
 
     t0 = time.perf_counter()
     if spec.get("mix"):
@@ -223,7 +222,7 @@ def speed(spec: dict[str, Any]) -> dict[str, Any]:
             spec["base"], {spec["av"]: spec["lam"]}, cache_dir=spec["cache"], n_ctx=256, n_threads=spec["threads"]
         )
     else:
-        llm = Llama(model_path=spec["path"], n_ctx=256, n_threads=spec["threads"], verbose=False)
+        llm = new_llama(spec["path"], n_ctx=256, n_threads=spec["threads"], verbose=False)
     seconds = time.perf_counter() - t0
     return {"load_seconds": seconds, "tokens_per_s": decode_speed(llm) if spec.get("decode") else None}
 

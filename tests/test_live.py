@@ -10,6 +10,7 @@ import pytest
 from llama_cpp import Llama
 
 from alignvec_gguf import merge
+from alignvec_gguf.cpu import new_llama
 from alignvec_gguf.errors import CompatibilityError, InputError
 from alignvec_gguf.live import LiveModel
 
@@ -23,7 +24,7 @@ def greedy(llm: Llama, prompt: str) -> str:
 
 def merged_outputs(base: Path, vectors: dict, tmp_path: Path) -> list[str]:
     path = merge(base, vectors, tmp_path / f"m{len(list(tmp_path.iterdir()))}.gguf").path
-    llm = Llama(model_path=str(path), n_ctx=128, n_threads_batch=1, verbose=False)
+    llm = new_llama(path, n_ctx=128, n_threads_batch=1, verbose=False)
     try:
         return [greedy(llm, p) for p in PROMPTS]
     finally:
@@ -72,8 +73,8 @@ def test_logits_match_the_merged_model(llama_pair, lowrank_pair, tmp_path):
                 llm.reset()
                 llm.eval(tokens)
                 got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-            merged = Llama(
-                model_path=str(merge(llama_pair.base_gguf, {lowrank_pair.lowrank_av: lam}, tmp_path / "m.gguf").path),
+            merged = new_llama(
+                merge(llama_pair.base_gguf, {lowrank_pair.lowrank_av: lam}, tmp_path / "m.gguf").path,
                 n_ctx=64,
                 n_threads_batch=1,
                 logits_all=True,

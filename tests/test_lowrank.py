@@ -31,12 +31,10 @@ def spectrum_matrix(m: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 
 def logits(model: Path, lora: Path | None = None, scale: float = 1.0) -> np.ndarray:
     """llama.cpp's logits for TOKENS, optionally through its own LoRA loader (one thread: 2 spin on a busy machine)."""
-    from llama_cpp import Llama
+    from alignvec_gguf.cpu import new_llama
 
     kwargs = {"lora_path": str(lora), "lora_scale": scale} if lora is not None else {}
-    llm = Llama(
-        model_path=str(model), n_ctx=64, n_threads=1, n_threads_batch=1, logits_all=True, verbose=False, **kwargs
-    )
+    llm = new_llama(model, n_ctx=64, n_threads=1, n_threads_batch=1, logits_all=True, verbose=False, **kwargs)
     llm.eval(TOKENS)
     out = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
     llm.close()

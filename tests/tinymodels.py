@@ -158,9 +158,9 @@ def quantize_gguf(src: Path, out: Path, ftype_name: str) -> Path:
 
 def llama_logits(path: Path, tokens: list[int]) -> np.ndarray:
     """llama.cpp's logits for every position of ``tokens``."""
-    from llama_cpp import Llama
+    from alignvec_gguf.cpu import new_llama
 
-    llm = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm = new_llama(path, n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     llm.close()

@@ -155,7 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         n_threads=args.threads,
     )
     try:
-        print(f"serving {args.base} with {', '.join(live.names) or 'no vectors'} on http://{args.host}:{args.port}/v1")
+        url = f"http://{args.host}:{args.port}"
+        print(f"serving {args.base} with {', '.join(live.names) or 'no vectors'} on {url}/v1; playground: {url}/")
         run_server(live, host=args.host, port=args.port, model_id=args.model_id)
     finally:
         live.close()

@@ -4,7 +4,9 @@ Requests to ``/v1/completions`` and ``/v1/chat/completions`` are those of the Op
 llama-cpp-python implements) plus an optional ``"alignment": {"medical": 0.5, "legal": -1}``; names
 not given are at λ = 0. ``GET /v1/alignment`` lists the vectors and the allowed λ range. Unknown
 vector names, λ out of range and malformed requests get a 400 with an OpenAI-style error body
-``{"error": {"message": ..., "type": "invalid_request_error", "param": ...}}``.
+``{"error": {"message": ..., "type": "invalid_request_error", "param": ...}}``; an unexpected failure is a
+500 with ``"type": "server_error"``. ``GET /`` is the playground: one static page (``static/playground.html``,
+nothing fetched from elsewhere) with a slider per vector, streamed answers and a side-by-side comparison.
 
 The server holds one :class:`~alignvec_gguf.live.LiveModel`; requests are served one at a time
 (llama.cpp's context runs one sequence), so concurrent requests queue. It binds 127.0.0.1 unless
@@ -20,9 +22,11 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from importlib import resources
+
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from . import __version__
 from .errors import AlignVecError, InputError
@@ -46,6 +50,7 @@ SAMPLING: dict[str, tuple[type, ...]] = {
     "stream": (bool,),
 }
 DEFAULT_MAX_TOKENS = 256
+PLAYGROUND = resources.files(__package__) / "static" / "playground.html"
 
 
 class BadRequest(InputError):
@@ -101,6 +106,7 @@ def _prompt(body: dict[str, Any]) -> str:
 def create_app(live: LiveModel, *, model_id: str | None = None, max_tokens_limit: int = 4096) -> FastAPI:
     """The FastAPI application serving ``live``. ``model_id`` names it in responses (default: the base file)."""
     model_name = model_id or live.base.name.removesuffix(".gguf")
+    chat_template = bool(live.llm.metadata.get("tokenizer.chat_template"))
     app = FastAPI(title="alignvec", version=__version__)
 
     def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
@@ -113,6 +119,11 @@ def create_app(live: LiveModel, *, model_id: str | None = None, max_tokens_limit
     @app.exception_handler(ValueError)  # llama-cpp-python: prompt longer than the context, bad stop...
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
         return error(400, str(exc))
+
+    @app.exception_handler(Exception)  # a bug or a llama.cpp failure: the client's 500, not a dropped connection
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request to %s failed", request.url.path, exc_info=exc)
+        return error(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
 
     async def body_of(request: Request) -> dict[str, Any]:
         try:
@@ -156,6 +167,10 @@ def create_app(live: LiveModel, *, model_id: str | None = None, max_tokens_limit
             if close is not None:
                 close()  # releases the model
 
+    @app.get("/", response_class=HTMLResponse)
+    def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "alignvec"}]}
@@ -163,7 +178,14 @@ def create_app(live: LiveModel, *, model_id: str | None = None, max_tokens_limit
     @app.get("/v1/alignment")
     def alignment() -> dict[str, Any]:
         lo, hi = live.lambda_range
-        return {"object": "list", "model": model_name, "lambda_min": lo, "lambda_max": hi, "data": live.describe()}
+        return {
+            "object": "list",
+            "model": model_name,
+            "lambda_min": lo,
+            "lambda_max": hi,
+            "chat_template": chat_template,  # the playground prompts as chat only where the model has a template
+            "data": live.describe(),
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

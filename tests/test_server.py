@@ -280,3 +280,17 @@ def test_write_modelfile_with_adapters_and_parameters(llama_pair, lowrank_pair, 
     ]
     with pytest.raises(InputError, match="is an adapter, not a model"):
         write_modelfile(lowrank_pair.lowrank_av, tmp_path / "x.Modelfile")
+
+
+def test_the_playground_is_one_self_contained_page(server):
+    import re
+
+    with urllib.request.urlopen(f"{server}/", timeout=30) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+        page = r.read().decode()
+    # nothing fetched from elsewhere (the user may be offline): no external scripts, styles, fonts or images
+    assert not re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page)
+    assert "@import" not in page and "url(http" not in page
+    assert re.findall(r"""fetch\((["'`])([^"'`]*)""", page) == [("\"", "/v1/alignment")]
+    status, info = request(f"{server}/v1/alignment")
+    assert status == 200 and info["chat_template"] is False  # the tiny model has none: the page prompts plainly

@@ -61,21 +61,31 @@ def http(url: str, body: Any = None, *, timeout: float = 60) -> tuple[int, Any]:
         return status, text
 
 
+def _ready(ready: str | tuple[str, int]) -> bool:
+    try:
+        if isinstance(ready, tuple):
+            with socket.create_connection(ready, timeout=2):
+                return True
+        return http(ready, timeout=2)[0] == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
 @contextmanager
-def process(cmd: list[str], ready_url: str, log: Path, timeout: float = 120) -> Iterator[subprocess.Popen]:
-    """Start ``cmd`` (output to ``log``), wait until ``ready_url`` answers 200, and stop it afterwards."""
+def process(
+    cmd: list[str], ready: str | tuple[str, int], log: Path, timeout: float = 120
+) -> Iterator[subprocess.Popen]:
+    """Start ``cmd`` (output to ``log``), wait until it is ready (``ready``: a URL that answers 200, or a
+    (host, port) that accepts a connection), and stop it afterwards."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {tail(log)}")
-            try:
-                if http(ready_url, timeout=2)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            if _ready(ready):
+                break
             if time.monotonic() > deadline:
                 raise AssertionError(f"{Path(cmd[0]).name} not ready after {timeout:.0f} s: {tail(log)}")
             time.sleep(0.2)

@@ -257,6 +257,24 @@ def test_compare_mode_answers_at_two_settings_side_by_side(server, browser, live
     assert a != b
 
 
+def test_chat_mode_sends_messages_and_shows_the_streamed_reply(server, browser, live):
+    url, recorder = server
+    open_page(browser, url)
+    type_value(browser, "a", "legal", "-0.5")
+    fill_prompt(browser, "my knee hurts", 8)
+    Select(browser.find_element(By.ID, "mode")).select_by_value("chat")
+    browser.find_element(By.ID, "generate").click()
+    wait_done(browser)
+    path, body = recorder.requests[-1]
+    messages = [{"role": "user", "content": "my knee hurts"}]
+    assert path == "/v1/chat/completions" and body["messages"] == messages and body["stream"] is True
+    chunks = live.create_chat_completion(
+        messages, alignment={"medical": 0, "legal": -0.5}, max_tokens=8, temperature=0, stream=True
+    )
+    expected = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text_of(browser, "output-a") == expected != ""
+
+
 @pytest.mark.parametrize("typed", ["5", "max"])
 def test_a_bad_lambda_typed_by_hand_shows_the_servers_message(server, browser, typed):
     url, recorder = server

@@ -65,6 +65,7 @@ _hook: contextvars.ContextVar[Callable[[bytes, Any, Loader], Any] | None] = cont
 )
 _install_lock = threading.Lock()
 _original: Loader | None = None
+_process_wide: Callable[[bytes, Any, Loader], Any] | None = None  # set by guard_process()
 
 
 class _BuftOverride(ctypes.Structure):
@@ -194,7 +195,7 @@ def _install() -> None:
 
 def _dispatch(path_model: bytes, params: Any) -> Any:
     assert _original is not None
-    hook = _hook.get()
+    hook = _hook.get() or _process_wide
     if hook is None:  # not a load of ours: exactly llama-cpp-python's own call
         return _original(path_model, params)
     return hook(path_model, params, _original)
@@ -257,6 +258,26 @@ def new_llama(
     if buffers.guarded:
         log.debug("%s: %s", Path(model_path).name, buffers.describe())
     return llm
+
+
+def guard_process(*, allow_amx: bool | None = None) -> None:
+    """Apply the guard to every model this process loads, ``llama_cpp.Llama(...)`` built by anyone included.
+
+    For programs that build their own ``Llama`` (llama-cpp-python's OpenAI server, for one)::
+
+        python -c "import alignvec_gguf.cpu as c, runpy; c.guard_process(); runpy.run_module('llama_cpp.server', \\
+            run_name='__main__')" --model merged.gguf
+
+    Loads through :func:`new_llama` keep their own plan. The decision is made per model, as there.
+    """
+    global _process_wide
+
+    def hook(path: bytes, params: Any, original: Loader) -> Any:
+        applied = _Applied(plan(path.decode(), allow_amx=allow_amx))  # alive during the load, when llama.cpp reads it
+        return original(path, _guarded_params(params, applied) if applied.plan.guarded else params)
+
+    _install()
+    _process_wide = hook
 
 
 def system_report(model: str | os.PathLike[str] | None = None) -> dict[str, Any]:

@@ -142,7 +142,10 @@ def test_llama_cpp_python_server_serves_a_merged_file(llama_pair, second_av, tmp
     local.close()
 
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(merged), "--host", "127.0.0.1"]
+    # llama-cpp-python's own server builds its own Llama: guard_process() keeps it off the AMX kernel (README)
+    launch = "import runpy, alignvec_gguf.cpu as c; c.guard_process(); "
+    launch += "runpy.run_module('llama_cpp.server', run_name='__main__')"
+    cmd = [sys.executable, "-c", launch, "--model", str(merged), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--n_ctx", "256", "--model_alias", "merged"]
     with process(cmd, f"http://127.0.0.1:{port}/v1/models", tmp_path / "server.log", timeout=120):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -51,9 +51,9 @@ def load(
         raise InputError(f"unknown load mode {mode!r}; use one of {', '.join(LOAD_MODES)}")
     llama_kwargs.setdefault("verbose", False)
 
-    if not any(lam != 0 for lam in vectors.values()):
-        # λ = 0 everywhere is the base itself: nothing to merge (the vectors are still validated)
-        open_vectors(vectors)
+    opened = open_vectors(vectors)  # a mapping of valid vectors and λ, or one InputError line
+    if not any(lam != 0 for _, lam in opened):
+        # λ = 0 everywhere is the base itself: nothing to merge
         path = Path(base)
         check_base(path)
         return new_llama(path, **llama_kwargs)

@@ -175,3 +175,12 @@ def test_convert_errors(run_cli, llama_pair, tmp_path, tokenizer):
     rc, err = run_cli("convert", llama_pair.base_dir, broken, "-o", out)
     assert_one_line_error(rc, err, "broken")
     assert not out.exists()
+
+
+def test_load_with_a_list_of_vectors_is_one_input_error(llama_pair):
+    from alignvec_gguf import load
+    from alignvec_gguf.errors import InputError
+
+    with pytest.raises(InputError, match="vectors must map AV paths") as e:
+        load(llama_pair.base_gguf, [llama_pair.av])  # type: ignore[arg-type]
+    assert "\n" not in str(e.value)

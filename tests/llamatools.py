@@ -81,6 +81,7 @@ def cmake_flags(level: str | None = None) -> list[str]:
         "-DLLAMA_BUILD_UI=OFF",  # llama-server's web UI: needs npm, or a download; the API is all we use
         "-DLLAMA_USE_PREBUILT_UI=OFF",
         "-DLLAMA_OPENSSL=OFF",
+        "-DGGML_CCACHE=OFF",
     ]
     if shutil.which("ninja"):
         flags += ["-G", "Ninja"]
@@ -156,7 +157,11 @@ def build(targets: tuple[str, ...] = tuple(TARGETS), jobs: int | None = None) ->
     work = tools_dir()
     work.mkdir(parents=True, exist_ok=True)
     with open(work / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the tools built
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a second process waits here, then finds the tools built
+            log.warning("another process is building llama.cpp's tools in %s; waiting for it", work)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if (found := cached(targets)) is not None:
             return found
         t0 = time.monotonic()

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
+
+from loopback import serve_app  # noqa: E402
 
 from alignvec_gguf.cli import main  # noqa: E402
 from alignvec_gguf.live import LiveModel  # noqa: E402
@@ -56,23 +58,9 @@ def live(llama_pair, lowrank_pair):
 
 @pytest.fixture(scope="module")
 def server(live):
-    """uvicorn in a thread on a socket bound to 127.0.0.1 by the test (an OS-chosen free port)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(live, model_id="tiny"), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):  # bounded: 10 s
-        if srv.started:
-            break
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    """uvicorn in a thread on a socket bound to 127.0.0.1 (an OS-chosen free port)."""
+    with serve_app(create_app(live, model_id="tiny")) as url:
+        yield url
 
 
 def test_alignment_and_models_are_listed(server, lowrank_pair):
@@ -291,6 +279,6 @@ def test_the_playground_is_one_self_contained_page(server):
     # nothing fetched from elsewhere (the user may be offline): no external scripts, styles, fonts or images
     assert not re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page)
     assert "@import" not in page and "url(http" not in page
-    assert re.findall(r"""fetch\((["'`])([^"'`]*)""", page) == [("\"", "/v1/alignment")]
+    assert re.findall(r"""fetch\((["'`])([^"'`]*)""", page) == [('"', "/v1/alignment")]
     status, info = request(f"{server}/v1/alignment")
     assert status == 200 and info["chat_template"] is False  # the tiny model has none: the page prompts plainly

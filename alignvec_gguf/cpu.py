@@ -153,8 +153,13 @@ def plan(
     allow_amx: bool | None = None,
     offload: bool = False,
     extra: tuple[str, ...] | None = None,
+    tensors: list[tuple[str, QT, tuple[int, ...]]] | None = None,
 ) -> BufferPlan:
-    """The buffer plan for loading ``path`` here (``offload``: layers go to a GPU; then nothing is pinned)."""
+    """The buffer plan for loading ``path`` here (``offload``: layers go to a GPU; then nothing is pinned).
+
+    ``tensors`` (name, type, ggml ``ne``) replaces the file's own list, for a model built in memory whose
+    types differ from the file's (``direct.py``).
+    """
     extra = extra_buffer_types() if extra is None else extra
     guarded, reason = decide(extra, mode(allow_amx))
     if not guarded:
@@ -164,7 +169,7 @@ def plan(
         return BufferPlan(True, f"{reason}; weights not repacked ({why})", extra_buffer_types=extra)
     buft = ggml.cpu_extra_buffer_types()[REPACK]
     try:
-        tensors = _tensors(Path(path))
+        tensors = _tensors(Path(path)) if tensors is None else tensors
     except AlignVecError as e:  # llama.cpp will say what is wrong with the file; load it plainly guarded
         log.debug("buffer plan: cannot read %s (%s); no weights pinned", path, e)
         return BufferPlan(True, reason, extra_buffer_types=extra)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import ggml
+from . import cpu, ggml
 from .cpu import new_llama
 from .errors import AlignVecError, CompatibilityError
 from .imatrix import Imatrix
@@ -103,8 +103,14 @@ def load_direct(
             return C.llama_model_init_from_user(gctx, callback, None, params)
 
         llama_kwargs.setdefault("verbose", False)
+        # the CPU guard places weights by the types llama.cpp will see: the plan's, not the base file's
+        types = [
+            (t.name, plan.jobs[t.name].qtype if t.name in plan.jobs else t.tensor_type, t.info.ne) for t in plan.model
+        ]
+        allow_amx = llama_kwargs.pop("allow_amx", None)
+        buffers = cpu.plan(plan.base, allow_amx=allow_amx, tensors=types)
         try:
-            llm = new_llama(plan.base, loader=from_user, **llama_kwargs)
+            llm = new_llama(plan.base, loader=from_user, buffers=buffers, **llama_kwargs)
         except ValueError as e:
             raise uploader.error or AlignVecError(f"llama.cpp could not build the model in memory ({e})") from e
         if uploader.error is not None:

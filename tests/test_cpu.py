@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tinymodels as tm
+from gguf import GGMLQuantizationType as QT
 from llama_cpp import Llama
 
 from alignvec_gguf import cpu, ggml, load
@@ -236,3 +237,16 @@ def test_guard_process_covers_a_users_own_llama(amx: list[bool], monkeypatch: py
     assert np.isfinite(logits(llm)[-1]).all()
     llm.close()
     assert amx == [True]
+
+
+def test_direct_load_places_weights_by_the_merged_types(amx: list[bool], llama_pair, quantized_bases, tmp_path) -> None:  # noqa: ANN001
+    """Touched Q4_K tensors written as Q8_0 must not be pinned where the repack buffer takes only Q4_K."""
+    base = quantized_bases["Q4_K_M"]
+    file_plan = cpu.plan(base)
+    llm = load(base, {llama_pair.av: 1.0}, mode="direct", requant="q8_0", n_ctx=64, logits_all=True, verbose=False)
+    direct_plan = llm.alignvec_buffers
+    assert np.isfinite(logits(llm)).all()
+    llm.close()
+    buft = ggml.cpu_extra_buffer_types().get(cpu.REPACK)
+    if buft is not None and not ggml.buft_takes_weight(buft, QT.Q8_0, 256, 256):
+        assert direct_plan.pinned_tensors < file_plan.pinned_tensors

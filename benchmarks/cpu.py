@@ -77,6 +77,8 @@ def build(root: Path, size: str) -> dict[str, Path]:
 
 
 def child(config: str, path: str) -> dict[str, Any]:
+    from merge import decode_speed  # benchmarks/merge.py
+
     from alignvec_gguf import cpu
 
     if config == "default":
@@ -88,14 +90,7 @@ def child(config: str, path: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = cpu.new_llama(path, buffers=buffers, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
     load = time.perf_counter() - t0
-    llm.eval([1, 300, 301, 302, 303, 304, 305, 306])
-    best = 0.0
-    for _ in range(3):
-        t0 = time.process_time()
-        for i in range(DECODE_TOKENS):
-            llm.eval([400 + i])
-        best = max(best, DECODE_TOKENS / (time.process_time() - t0))
-        llm.n_tokens = 8
+    best = decode_speed(llm, tokens=DECODE_TOKENS, repeats=3, clock=time.process_time)
     prompt = 0.0
     for _ in range(3):
         llm.n_tokens = 0

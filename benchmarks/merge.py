@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,14 +200,17 @@ def _child(task: str, spec: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(task)
 
 
-def decode_speed(llm: Any) -> float:
+def decode_speed(
+    llm: Any, *, tokens: int = DECODE_TOKENS, repeats: int = 2, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Best tokens/s over ``repeats`` runs of ``tokens`` single-token evals after an 8-token prompt."""
     llm.eval([1, 300, 301, 302, 303, 304, 305, 306])
     best = 0.0
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for i in range(DECODE_TOKENS):
+    for _ in range(repeats):
+        t0 = clock()
+        for i in range(tokens):
             llm.eval([400 + i])
-        best = max(best, DECODE_TOKENS / (time.perf_counter() - t0))
+        best = max(best, tokens / (clock() - t0))
         llm.n_tokens = 8
     return best
 

@@ -25,12 +25,14 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .cpu import new_llama
 from .errors import InputError
 from .merge import VectorRef, Vectors, merge, open_vectors, parse_requant
 from .split import GGUFModel
@@ -56,6 +58,7 @@ class Measure:
     kl: float
     size_ratio: float
     seconds: float = 0.0  # merge wall time
+    extra: dict[str, Any] = field(default_factory=dict)  # what fidelity()'s ``extra`` measured on the file
 
 
 @dataclass
@@ -69,6 +72,7 @@ class FidelityReport:
     rows: list[Measure] = field(default_factory=list)
     anchor: Measure | None = None
     ref_shift_rms: float = 0.0  # size of the reference shift, in logits
+    ref_extra: dict[str, Any] = field(default_factory=dict)  # fidelity()'s ``extra`` on the exact merge
 
     def row(self, label: str) -> Measure:
         for m in [*self.rows, *([self.anchor] if self.anchor else [])]:
@@ -99,10 +103,8 @@ def model_logits(
 
     Each window starts a fresh context, so no position lies beyond the model's training context.
     """
-    from llama_cpp import Llama
-
     n_ctx = max(8, min(window, len(tokens)))
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=threads)
+    llm = new_llama(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=threads)
     try:
         out = []
         for i in range(0, len(tokens), n_ctx):
@@ -117,11 +119,32 @@ def model_logits(
 
 def tokenize(path: str | os.PathLike[str], text: str) -> list[int]:
     """``text`` in the model's own tokens, with its BOS."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    llm = new_llama(path, vocab_only=True, verbose=False)
     try:
         return list(llm.tokenize(text.encode(), add_bos=True))
+    finally:
+        llm.close()
+
+
+def sequence_logprobs(
+    path: str | os.PathLike[str], sequences: list[tuple[list[int], int]], threads: int | None = None
+) -> list[float]:
+    """llama.cpp's log-likelihood of each sequence's tokens from its ``start`` on: (tokens, start) pairs.
+
+    The measure of preference tests: which of several answers to one prompt the model finds likeliest.
+    """
+    if any(not 0 < start < len(toks) for toks, start in sequences):
+        raise InputError("each scored sequence needs a prompt (start ≥ 1) and at least one token to score")
+    n_ctx = max(8, max((len(t) for t, _ in sequences), default=8))
+    llm = new_llama(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=threads)
+    try:
+        out = []
+        for toks, start in sequences:
+            llm.reset()
+            llm.eval(toks)
+            logp = _log_softmax(np.array(llm.scores[: len(toks) - 1], dtype=np.float64))
+            out.append(float(logp[np.arange(start - 1, len(toks) - 1), toks[start:]].sum()))
+        return out
     finally:
         llm.close()
 
@@ -158,10 +181,13 @@ def fidelity(
     imatrix: str | os.PathLike[str] | None = None,
     workdir: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    extra: Callable[[Path], dict[str, Any]] | None = None,
 ) -> FidelityReport:
     """Measure how much of the knob each requantization policy keeps on ``base`` (see the module doc).
 
     Merged files are written to ``workdir`` (default: a temporary directory, removed afterwards).
+    ``extra(path)``, if given, is called on every merged file before it is removed (the exact F32 merge
+    as ``"reference"`` too) and its result is kept in :attr:`Measure.extra` (e.g. preference accuracy).
     """
     base = Path(base)
     opened = open_vectors(vectors)
@@ -183,6 +209,7 @@ def fidelity(
         ref_base = Path(full_base) if full_base is not None else base
         ref_merged = merge(ref_base, mix, root / "ref.gguf", requant="f32", imatrix=imatrix, threads=threads).path
         ref_logits = model_logits(ref_merged, toks, threads, window)
+        ref_extra = extra(ref_merged) if extra is not None else {}
         ref_base_logits = model_logits(ref_base, toks, threads, window)
         ref_shift = ref_logits - ref_base_logits
         base_logits = ref_base_logits if full_base is None else model_logits(base, toks, threads, window)
@@ -192,12 +219,15 @@ def fidelity(
             n_tokens=len(toks),
             reference="full-precision base" if full_base is not None else "quantized base, touched tensors in float32",
             ref_shift_rms=float(np.sqrt(np.mean(ref_shift**2))),
+            ref_extra=ref_extra,
         )
 
         def measure(label: str, path: Path, seconds: float) -> Measure:
             logits = model_logits(path, toks, threads, window)
             kept, cos = shift_stats(logits - base_logits, ref_shift)
             m = Measure(label, kept, cos, kl_divergence(logits, ref_logits), path.stat().st_size / base_size, seconds)
+            if extra is not None:
+                m.extra = extra(path)
             path.unlink()
             return m
 

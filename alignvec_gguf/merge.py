@@ -50,7 +50,7 @@ from .gguffile import (
 )
 from .gguffile import field as gguf_field
 from .imatrix import Imatrix, load_imatrix
-from .requant import GRID_TYPES, nearest_keeps, requantize_on_grid, scratch, seed_for
+from .requant import GRID_TYPES, dither_noise, nearest_keeps, requantize_on_grid, scratch, seed_for
 from .split import SPLIT_KEYS, GGUFModel, ModelTensor
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ POLICIES: dict[str, str] = {
     "grid": "like same on the base's own scales: same fidelity, several times faster on K-quants",
     "dither": "same size: the base's scales, unbiased random rounding (measured: calibrated is better)",
     "hifi": "touched tensors coarser than 8 bits become Q8_0 unless their own grid keeps the change (larger file)",
+    "unbiased": "the base's scales and unbiased random rounding where it adds at most a noise budget; Q8_0 for the "
+    "coarse tensors where it would add more (unbiased:B sets the budget, default 0.25)",
 }
 DEFAULT_POLICY = "calibrated"  # chosen from benchmarks/fidelity.py: README, "Requantization and the knob"
 
@@ -92,6 +94,8 @@ COARSE_TYPES = frozenset(
 # hifi keeps a tensor's base type where round-to-nearest on its grid keeps this much of Δ (weight space)
 HIFI_MIN_KEPT = 0.95
 HIFI_MIN_COS = 0.95
+# unbiased: a coarse tensor stays on its grid while dithering adds at most this share of its own rounding noise
+UNBIASED_BUDGET = 0.25
 LAMBDA_MAX = 1e30  # float32 arithmetic: λ·Δ must stay far from its 3.4e38 limit
 BIG_TENSOR_SHARE = 1 / 32  # a tensor with this share of all touched elements is computed on every core
 _RELEASE_EVERY = 64 << 20  # bytes streamed between two drops of the inputs' resident pages
@@ -131,14 +135,17 @@ def parse_requant(policy: str) -> Policy:
         return Policy(key, None, "nearest")
     if key in ("dither", "calibrated"):
         return Policy(key, None, key)
-    if key.startswith("calibrated:"):
+    if key == "unbiased":
+        return Policy(key, None, "dither", UNBIASED_BUDGET)
+    if key.startswith(("calibrated:", "unbiased:")):
+        family, _, text = key.partition(":")
         try:
-            budget = float(key.partition(":")[2])
+            budget = float(text)
         except ValueError:
             budget = -1.0
         if not budget >= 0.0:  # NaN fails too; "inf" keeps the whole projection whatever it costs
-            raise InputError(f"requant {policy!r}: the noise budget after 'calibrated:' must be a number ≥ 0, e.g. 0.1")
-        return Policy(key, None, "calibrated", budget)
+            raise InputError(f"requant {policy!r}: the noise budget after '{family}:' must be a number ≥ 0, e.g. 0.1")
+        return Policy(key, None, "calibrated" if family == "calibrated" else "dither", budget)
     choices = sorted(t.name.lower() for t in ggml.QUANTIZABLE if t not in IMATRIX_FALLBACK)
     try:
         qtype: QT | None = QT[policy.upper()]
@@ -392,6 +399,11 @@ def run_job(job: _Job) -> tuple[np.ndarray, int]:
     return out, int(refresh.sum())
 
 
+def _coarse_grid(base_type: QT, qtype: QT) -> bool:
+    """Whether a tensor stays on a grid coarser than 8 bits (one of ours: :data:`requant.GRID_TYPES`)."""
+    return qtype == base_type and base_type in GRID_TYPES and base_type not in _HIFI_KEEP
+
+
 def _open_full_base(full_base: str | os.PathLike[str], model: GGUFModel) -> GGUFModel:
     full = GGUFModel(full_base, "full-precision base")
     if full.signature() != model.signature():
@@ -458,6 +470,14 @@ class MergePlan:
                 kept, cos = nearest_keeps(t.raw(), t.tensor_type, _shift_source(job))
                 if kept >= HIFI_MIN_KEPT and cos >= HIFI_MIN_COS:
                     job = replace(job, qtype=t.tensor_type)
+            elif self.policy.name.startswith("unbiased") and _coarse_grid(t.tensor_type, qtype):
+                # where dithering on the base's own grid costs more than the budget, a finer grid keeps the
+                # change at no added noise: Q8_0's steps are 8-16 times smaller than 4- and 5-bit types'
+                budget = UNBIASED_BUDGET if self.policy.noise_budget is None else self.policy.noise_budget
+                if dither_noise(t.raw(), t.tensor_type, _shift_source(job)) > budget:
+                    job = replace(
+                        job, qtype=target_type(t.tensor_type, t.shape, Policy("hifi", None), False, self.notes)
+                    )
             self.jobs[t.name] = job
         self.inputs = [
             *self.model.paths,
@@ -513,6 +533,8 @@ def merge(
     start = time.perf_counter()
     base = Path(base)
     out = Path(out)
+    if isinstance(vectors, Mapping) and not vectors:
+        raise InputError("merge needs at least one alignment vector, e.g. {'medical.avec.gguf': 0.5}")
     plan = MergePlan(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, threads=threads)
     model, opened, policy, jobs = plan.model, plan.vectors, plan.policy, plan.jobs
     reader: Any = model  # gguffile.check_fingerprint reads .tensors (name, tensor_type, data) of any shard set

@@ -408,6 +408,27 @@ def nearest_keeps(raw: np.ndarray, qtype: QT, shift: Shift) -> tuple[float, floa
     return dot / ref, (dot / norm if norm else 0.0)
 
 
+def dither_noise(raw: np.ndarray, qtype: QT, shift: Shift) -> float:
+    """The error ``dither`` rounding of ``shift`` adds, as a share of the tensor's own rounding noise.
+
+    Unbiased rounding moves an element whose shift is ``x`` steps by ``floor(x)`` or ``floor(x) + 1``
+    steps, with the probabilities that make the expected move ``x``: its added squared error has the mean
+    ``f(1 − f)`` steps², ``f = x − floor(x)``. The base's own rounding error is about ``1/12`` step² per
+    element, so the result is ``12 · Σ step² f(1 − f) / Σ step²`` over a sample of blocks: 0 for a shift
+    of whole steps, up to 3 for half steps everywhere.
+    """
+    codec = _codec(qtype)
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, codec.type_size)
+    b, sh = _sample(codec, blocks, shift)
+    _, x, step = _in_steps(codec, b, sh)
+    w = per_element(step * step, codec.block_size).astype(np.float64)
+    total = float(w.sum())
+    if total == 0.0:
+        return 0.0
+    f = x.astype(np.float64) - np.floor(x)
+    return 12.0 * float((w * f * (1.0 - f)).sum()) / total
+
+
 def requantize_on_grid(
     raw: np.ndarray,
     qtype: QT,

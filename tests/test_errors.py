@@ -184,3 +184,12 @@ def test_load_with_a_list_of_vectors_is_one_input_error(llama_pair):
     with pytest.raises(InputError, match="vectors must map AV paths") as e:
         load(llama_pair.base_gguf, [llama_pair.av])  # type: ignore[arg-type]
     assert "\n" not in str(e.value)
+
+
+def test_merge_without_vectors_is_one_input_error(llama_pair, tmp_path):
+    from alignvec_gguf import merge
+    from alignvec_gguf.errors import InputError
+
+    with pytest.raises(InputError, match="merge needs at least one alignment vector") as e:
+        merge(llama_pair.base_gguf, {}, tmp_path / "out.gguf")
+    assert "\n" not in str(e.value) and not (tmp_path / "out.gguf").exists()

@@ -159,17 +159,30 @@ class MergeCache:
         for what, extra in (("importance matrix", imatrix), ("full-precision base", full_base)):
             if extra is not None and not Path(extra).is_file():
                 raise InputError(f"{what} {extra} does not exist")
-        for av, _ in vectors:  # remember the digest; the merge records it in the merged file too
-            av.__dict__.setdefault("sha256", self.file_digest(av.path))  # fills the cached_property
         payload = {
             "base": [self.file_digest(p) for p in shard_paths(base)],
-            "vectors": sorted((av.sha256, repr(float(lam))) for av, lam in vectors if lam != 0.0),
+            "base_name": base.name,  # the merged file records it
+            # everything the merged file records of its vectors, in the order they are summed
+            "vectors": [(av.sha256, repr(float(lam)), _recorded_name(av)) for av, lam in self.canonical(vectors)],
             "requant": parse_requant(requant).name,
             "imatrix": self.file_digest(imatrix) if imatrix is not None else None,
             "full_base": [self.file_digest(p) for p in shard_paths(full_base)] if full_base is not None else None,
             "version": __version__,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def canonical(self, vectors: list[tuple[AlignmentVector, float]]) -> list[tuple[AlignmentVector, float]]:
+        """The mix as it is keyed and merged: λ = 0 left out, the rest in the order of their file digests.
+
+        float32 sums depend on their order and the merged file records its vectors, so the merge of a
+        key must not depend on how the caller listed the mix: ``{A: 0.5, B: 0.3}``, ``{B: 0.3, A: 0.5}``
+        and ``{A: 0.5, B: 0.3, C: 0}`` are one entry, byte for byte.
+        """
+        for av, _ in vectors:  # remember the digest; it orders the mix and keys it
+            av.__dict__.setdefault("sha256", self.file_digest(av.path))  # fills the cached_property
+        return sorted(
+            ((av, lam) for av, lam in vectors if lam != 0.0), key=lambda p: (p[0].sha256, p[1], _recorded_name(p[0]))
+        )
 
     # --- entries --------------------------------------------------------------------------------
 
@@ -199,11 +212,18 @@ class MergeCache:
         full_base: str | os.PathLike[str] | None = None,
         progress: bool = False,
     ) -> Path:
-        """The path of the merged model for this mix, merging it first (once, across processes) if needed."""
+        """The path of the merged model for this mix, merging it first (once, across processes) if needed.
+
+        A mix whose λ are all 0 is the base itself: its path is returned (nothing is merged or written).
+        """
         base = Path(base)
         opened = open_vectors(vectors)
         check_base(base)
         key = self.key(base, opened, requant, imatrix, full_base)
+        opened = self.canonical(opened)
+        if not opened:
+            return base
+        requant = parse_requant(requant).name  # the merged file records the policy as the key has it
         path = self.entry_path(base, key)
         if path.exists():
             log.info("using cached merge %s", path)
@@ -326,6 +346,11 @@ class MergeCache:
                         entry.with_suffix(_SIDE).unlink(missing_ok=True)
                         lock.unlink(missing_ok=True)
         return n, freed
+
+
+def _recorded_name(av: AlignmentVector) -> str:
+    """How the merged file names a vector (``alignvec.merged.vectors``)."""
+    return av.info.name or av.path.name
 
 
 def cached_merge(

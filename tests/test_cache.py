@@ -118,3 +118,21 @@ def test_cache_cli_and_environment(llama_pair, base, tmp_path, monkeypatch, caps
     assert parse_size("512M") == 512 << 20 and parse_size("1.5G") == int(1.5 * (1 << 30))
     rc = main(["cache", "ls", "--dir", str(base)])  # a file where a directory belongs: one line, exit 2
     assert rc == 2 and "cache directory" in capsys.readouterr().err
+
+
+def test_one_key_one_file_whatever_the_order_or_zero_entries(llama_pair, second_av, tmp_path):
+    """The key ignores order and λ = 0 entries, so the merge must too: each key stands for one file, byte for byte."""
+    a, b = llama_pair.av, second_av[0]
+    base = llama_pair.base_gguf  # F32: the float32 sum itself is written, so its order would show
+    mixes = [{a: 0.5, b: 0.3}, {b: 0.3, a: 0.5}, {a: 0.5, b: 0.3}]
+    files = [MergeCache(tmp_path / f"c{i}").get(base, mix) for i, mix in enumerate(mixes)]
+    assert files[0].name == files[1].name  # one key
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+    only_a = MergeCache(tmp_path / "c3").get(base, {a: 0.5})
+    with_zero = MergeCache(tmp_path / "c4").get(base, {b: 0.0, a: 0.5})
+    assert only_a.name == with_zero.name and only_a.read_bytes() == with_zero.read_bytes()
+    meta = GGUFReader(with_zero)
+    assert list(meta.fields["alignvec.merged.lambdas"].contents()) == [0.5]
+    # all λ = 0 is the base itself: nothing merged, nothing written
+    assert MergeCache(tmp_path / "c5").get(base, {a: 0.0, b: 0.0}) == base
+    assert not any((tmp_path / "c5").glob("*.gguf"))

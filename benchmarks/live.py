@@ -29,14 +29,28 @@ and in the low-rank form at ranks 8, 32 and 128, and measures:
                                 cannot carry: the measured effect of alignvec.lora.dropped
   q4_k_m_shift_share_*          the share of the F32 rank-32 logit shift that survives on Q4_K_M, live
                                 (the adapter is applied in float) and merged with requant same
+  llama_server.*                the anchor: llama.cpp's own llama-server (built from the pinned sdist by
+                                tests/llamatools.py, cached) with the same rank-32 AV as a LoRA
+                                (--lora-init-without-apply, "lora": [{"id": 0, "scale": λ}] per request),
+                                against llama-server serving the merged model: decode tokens/s from the
+                                server's own timings (wall clock, best of the same interleaved rounds),
+                                lora_tokens_per_s_vs_merged beside live_tokens_per_s_vs_merged_wall;
+                                knob_switch_ms (an HTTP request at a new λ, 1 token, as above) and
+                                request_ms_same_lambda (unchanged λ, prompt recomputed: its floor)
+  rpc.*                         the merged model through llama.cpp's RPC backend on loopback
+                                (ggml-rpc-server on 127.0.0.1, llama-server --rpc ... -ngl 99): decode
+                                tokens/s and ms per token against the same llama-server without RPC
 
-Usage: python benchmarks/live.py [--tokens 128] [--threads N] [--hidden 1024] [--layers 4] [--repeats 7].
-Needs the test extras (pip install -e '.[convert,dev]'). The last line is JSON.
+Usage: python benchmarks/live.py [--tokens 128] [--threads N] [--hidden 1024] [--layers 4] [--repeats 7]
+[--no-llama-server]. Needs the test extras (pip install -e '.[convert,dev]'); the first run builds llama.cpp's
+tools (minutes, once; one line says so where that is impossible). The last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import logging
 import shutil
@@ -51,10 +65,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import llamatools  # noqa: E402
 import tinymodels as tm  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
+from loopback import free_port, http, process, tail  # noqa: E402
 
 from alignvec_gguf import AlignmentVector, cached_merge, merge, write_av  # noqa: E402
+from alignvec_gguf.cpu import new_llama  # noqa: E402
 from alignvec_gguf.live import LiveModel  # noqa: E402
 from converters import convert  # noqa: E402
 
@@ -83,7 +100,7 @@ def llama_scores(llm: Llama, seqs: list[list[int]]) -> np.ndarray:
 
 
 def model_scores(path: Path, seqs: list[list[int]], threads: dict[str, Any]) -> np.ndarray:
-    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, **threads)
+    llm = new_llama(str(path), n_ctx=128, logits_all=True, verbose=False, **threads)
     try:
         return llama_scores(llm, seqs)
     finally:
@@ -140,6 +157,59 @@ def without_dropped(full: Path, out: Path) -> Path:
     return out
 
 
+class LlamaServers:
+    """llama.cpp's own servers on loopback for the anchor: llama-server with the AV as a LoRA adapter (λ per
+    request), llama-server on the merged model, and the merged model again through ggml-rpc-server."""
+
+    def __init__(self, bindir: Path, base: Path, av: Path, merged: Path, threads: int, root: Path):
+        self.bindir, self.base, self.av, self.merged, self.root = bindir, base, av, merged, root
+        self.threads = ["-t", str(threads), "-tb", str(threads)]
+        self.rpc_threads = str(threads)
+        self.stack = contextlib.ExitStack()
+        self.urls: dict[str, str] = {}
+
+    def __enter__(self) -> LlamaServers:
+        rpc_port = free_port()
+        rpc = [self.bindir / "ggml-rpc-server", "-H", "127.0.0.1", "-p", str(rpc_port), "-t", self.rpc_threads]
+        self.stack.enter_context(process(rpc, ("127.0.0.1", rpc_port), self.root / "rpc-server.log", timeout=60))
+        lora = ["--lora", str(self.av), "--lora-init-without-apply"]
+        for name, model, extra in [
+            ("lora", self.base, lora),
+            ("merged", self.merged, []),
+            ("rpc", self.merged, ["--rpc", f"127.0.0.1:{rpc_port}", "-ngl", "99"]),
+        ]:
+            port = free_port()
+            cmd = [self.bindir / "llama-server", "-m", model, "--host", "127.0.0.1", "--port", str(port)]
+            cmd += ["-c", "512", "-np", "1", "--no-warmup", *self.threads, *extra]
+            url = f"http://127.0.0.1:{port}"
+            self.stack.enter_context(process(cmd, f"{url}/health", self.root / f"llama-server-{name}.log"))
+            self.urls[name] = url
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def completion(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        status, out = http(f"{self.urls[name]}/completion", body, timeout=300)
+        if status != 200:
+            log = self.root / f"llama-server-{name}.log"
+            raise RuntimeError(f"llama-server ({name}) answered {status}: {out}; log: {tail(log)}")
+        return dict(out)
+
+    def decode_tokens_per_s(self, name: str, prompt: list[int], n: int, lam: float | None = None) -> float:
+        """Decode speed by the server's own timings (the prompt excluded), over exactly ``n`` tokens."""
+        body: dict[str, Any] = {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1, "ignore_eos": True}
+        body["cache_prompt"] = False
+        if lam is not None:
+            body["lora"] = [{"id": 0, "scale": lam}]
+        timings = self.completion(name, body)["timings"]
+        return float(timings["predicted_n"]) / (float(timings["predicted_ms"]) / 1000)
+
+    def request(self, lam: float, cache_prompt: bool = True) -> None:
+        body = {"prompt": PROMPT, "n_predict": 1, "temperature": 0, "lora": [{"id": 0, "scale": lam}]}
+        self.completion("lora", {**body, "cache_prompt": cache_prompt})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per decode-speed run")
@@ -155,6 +225,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="knob switches timed per method (best of)")
     parser.add_argument("--keep", action="store_true", help="keep the models and vectors (printed directory)")
     parser.add_argument("--rounds", type=int, default=5, help="decode-speed rounds, interleaved (best of)")
+    parser.add_argument("--no-llama-server", action="store_true", help="skip llama.cpp's llama-server anchor")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the merges' requantization warnings are expected here
     threads: dict[str, Any] = {"n_threads": args.threads, "n_threads_batch": args.threads}
@@ -222,9 +293,30 @@ def main() -> None:
     f16 = convert(base_dir, aligned_dir, root / f"r{LIVE_RANK}-f16.avec.gguf", name="v", rank=LIVE_RANK, dtype="f16")
     lives: dict[int | str, LiveModel] = {r: LiveModel(q4, {"v": lowrank[r].path}, n_ctx=512, **threads) for r in RANKS}
     lives["f16"] = LiveModel(q4, {"v": f16.path}, n_ctx=512, **threads)
-    merged_llm = Llama(model_path=str(q4_merged_path), n_ctx=512, verbose=False, **threads)
+    merged_llm = new_llama(str(q4_merged_path), n_ctx=512, verbose=False, **threads)
+    servers: LlamaServers | None = None
+    server_note = "skipped (--no-llama-server)"
+    if not args.no_llama_server:
+        try:
+            t0 = time.perf_counter()
+            bindir = llamatools.ensure(("llama-server", "ggml-rpc-server"))
+            built = llamatools.record() or {}
+            server_note = f"{bindir} (built in {built.get('seconds_total', float('nan')):.0f} s once; this run waited "
+            server_note += f"{time.perf_counter() - t0:.0f} s)"
+            servers = LlamaServers(bindir, q4, lowrank[LIVE_RANK].path, q4_merged_path, args.threads, root)
+            atexit.register(servers.__exit__)  # stopped below; this is for a run that fails on the way
+            servers.__enter__()
+        except (llamatools.ToolsUnavailable, AssertionError) as e:
+            server_note = f"unavailable: {e}"
+            servers = None
+        print(f"llama.cpp's llama-server anchor: {server_note}")
+    server_speeds: dict[str, list[float]] = {}
     speeds: dict[str, list[tuple[float, float]]] = {}
     for _ in range(args.rounds):  # interleaved, so that a busy moment does not hit one side only
+        if servers is not None:
+            server_speeds.setdefault("lora", []).append(servers.decode_tokens_per_s("lora", prompt, args.tokens, 1.0))
+            server_speeds.setdefault("merged", []).append(servers.decode_tokens_per_s("merged", prompt, args.tokens))
+            server_speeds.setdefault("rpc", []).append(servers.decode_tokens_per_s("rpc", prompt, args.tokens))
         speeds.setdefault("merged", []).append(tokens_per_s(merged_llm, prompt, args.tokens))
         for key, live in lives.items():
             with live.using({"v": 1.0}) as llm:
@@ -269,7 +361,7 @@ def main() -> None:
         cached_merge(q4, {av: lam}, cache_dir=cache)
 
     def load_and_request(path: Path) -> None:
-        llm = Llama(model_path=str(path), n_ctx=512, verbose=False, **threads)
+        llm = new_llama(str(path), n_ctx=512, verbose=False, **threads)
         request(llm)
         llm.close()
 
@@ -283,6 +375,43 @@ def main() -> None:
     print(f"knob switch (new λ, 1 token): live {switch_live:.1f} ms, cached merge {switch_cached:.1f} ms, "
           f"new merge {switch_new:.1f} ms; the same request at an unchanged λ: {floor:.1f} ms")  # fmt: skip
 
+    anchor: dict[str, Any] = {"status": server_note}
+    rpc: dict[str, Any] = {"status": server_note}
+    if servers is not None:
+        try:
+            servers.request(2.0)  # warm
+            it = iter(lambdas)
+            server_switch = timed(lambda: servers.request(next(it)), args.repeats)
+            server_floor = timed(lambda: servers.request(lambdas[-1], cache_prompt=False), args.repeats)
+        finally:
+            servers.__exit__()
+        best_server = {k: max(v) for k, v in server_speeds.items()}
+        anchor = {
+            "lora_tokens_per_s": round(best_server["lora"], 1),
+            "merged_tokens_per_s": round(best_server["merged"], 1),
+            "lora_tokens_per_s_vs_merged": round(best_server["lora"] / best_server["merged"], 4),
+            "knob_switch_ms": round(server_switch, 2),
+            "request_ms_same_lambda": round(server_floor, 2),
+        }
+        rpc = {
+            "tokens_per_s": round(best_server["rpc"], 1),
+            "local_tokens_per_s": round(best_server["merged"], 1),
+            "ms_per_token": round(1000 / best_server["rpc"], 2),
+            "local_ms_per_token": round(1000 / best_server["merged"], 2),
+            "added_ms_per_token": round(1000 / best_server["rpc"] - 1000 / best_server["merged"], 2),
+        }
+        print(
+            f"llama-server, rank-{LIVE_RANK} LoRA with λ per request: {anchor['lora_tokens_per_s']} tokens/s against "
+            f"{anchor['merged_tokens_per_s']} merged (x{anchor['lora_tokens_per_s_vs_merged']:.3f}; alignvec's live "
+            f"x{ratio_wall:.3f} by the same wall clock: {best_wall[f'r{LIVE_RANK}']:.1f} against "
+            f"{best_wall['merged']:.1f}); knob switch {server_switch:.1f} ms over HTTP, "
+            f"{server_floor:.1f} ms at an unchanged λ"
+        )
+        print(
+            f"RPC on loopback: {rpc['tokens_per_s']} tokens/s against {rpc['local_tokens_per_s']} local "
+            f"({rpc['ms_per_token']} against {rpc['local_ms_per_token']} ms per token: +{rpc['added_ms_per_token']} ms)"
+        )
+
     result = {
         "model": {"params_m": round(params / 1e6, 1), "hidden": args.hidden, "layers": args.layers, "base": "Q4_K_M"},
         "live_rank": LIVE_RANK,
@@ -292,6 +421,8 @@ def main() -> None:
         "live_tokens_per_s": round(live_tps, 1),
         "merged_tokens_per_s": round(merged_tps, 1),
         "base_tokens_per_s": round(base_tps, 1),
+        "live_tokens_per_s_wall": round(best_wall[f"r{LIVE_RANK}"], 1),  # the clock llama-server's timings use
+        "merged_tokens_per_s_wall": round(best_wall["merged"], 1),
         "knob_switch_ms_live": round(switch_live, 2),
         "knob_switch_ms_cached_merge": round(switch_cached, 2),
         "knob_switch_ms_new_merge": round(switch_new, 2),
@@ -302,6 +433,8 @@ def main() -> None:
         "base_vs_full_kl": knob_kl,
         "q4_k_m_shift_share_live": round(share_live, 4),
         "q4_k_m_shift_share_merged_same": round(share_merged, 4),
+        "llama_server": anchor,
+        "rpc": rpc,
     }
     if args.keep:
         print(f"kept {root}", file=sys.stderr)

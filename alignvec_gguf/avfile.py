@@ -530,9 +530,37 @@ class AlignmentVector:
 
     @cached_property
     def sha256(self) -> str:
-        """sha256 of the whole file (the merge cache keys on it)."""
-        h = hashlib.sha256()
+        """sha256 of the whole file (the merge cache keys on it), with its content digest checked on the way."""
+        return self.hash_file()
+
+    def hash_file(self) -> str:
+        """Read the file once: return its sha256, and check the recorded ``alignvec.content_sha256``.
+
+        The content digest (its tensors' bytes in file order) is what merged models record as the
+        vector; a file edited after it was written would otherwise lend them a false provenance, so a
+        mismatch is a :class:`FormatError`. Afterwards :attr:`content_sha256` is the digest of what was read.
+        """
+        ranges = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes)) for t in self._reader.tensors)
+        whole, content = hashlib.sha256(), hashlib.sha256()
+        pos, i = 0, 0
         with open(self.path, "rb") as f:
             while chunk := f.read(1 << 22):
-                h.update(chunk)
-        return h.hexdigest()
+                whole.update(chunk)
+                end = pos + len(chunk)
+                while i < len(ranges) and ranges[i][0] < end:
+                    a, b = max(ranges[i][0], pos), min(ranges[i][1], end)
+                    if a < b:
+                        content.update(memoryview(chunk)[a - pos : b - pos])
+                    if ranges[i][1] > end:
+                        break  # the rest of this tensor is in the next chunk
+                    i += 1
+                pos = end
+        actual = content.hexdigest()
+        recorded = self._meta(K_CONTENT_SHA256, "str", None)
+        if recorded is not None and recorded != actual:
+            raise FormatError(
+                f"{self._where}: its tensors changed after it was written ({K_CONTENT_SHA256} says "
+                f"{recorded[:12]}..., the file holds {actual[:12]}...); re-create it with alignvec convert"
+            )
+        self.__dict__["content_sha256"] = actual  # the cached_property, now from what was read
+        return whole.hexdigest()

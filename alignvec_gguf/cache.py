@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,8 +124,11 @@ class MergeCache:
         except (OSError, ValueError):
             return {}
 
-    def file_digest(self, path: str | os.PathLike[str]) -> str:
-        """sha256 of a file's content, hashed once and then remembered by path, size, mtime and inode."""
+    def file_digest(self, path: str | os.PathLike[str], hasher: Callable[[Path], str] | None = None) -> str:
+        """sha256 of a file's content, hashed once and then remembered by path, size, mtime and inode.
+
+        ``hasher`` reads the file instead of a plain sha256 (an AV checks its content digest on the way).
+        """
         real = os.path.realpath(path)
         st = os.stat(real)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
@@ -133,7 +136,7 @@ class MergeCache:
         if isinstance(known, dict) and known.get("stat") == stamp and isinstance(known.get("sha256"), str):
             return str(known["sha256"])
         log.info("hashing %s (once; remembered in %s)", path, self.dir / _DIGESTS)
-        digest = _sha256_file(Path(real))
+        digest = (hasher or _sha256_file)(Path(real))
         try:
             with self._dir_lock():
                 digests = self._read_digests()
@@ -179,7 +182,8 @@ class MergeCache:
         and ``{A: 0.5, B: 0.3, C: 0}`` are one entry, byte for byte.
         """
         for av, _ in vectors:  # remember the digest; it orders the mix and keys it
-            av.__dict__.setdefault("sha256", self.file_digest(av.path))  # fills the cached_property
+            if "sha256" not in av.__dict__:  # hashing an AV checks its recorded content digest too
+                av.__dict__["sha256"] = self.file_digest(av.path, _av_hasher(av))
         return sorted(
             ((av, lam) for av, lam in vectors if lam != 0.0), key=lambda p: (p[0].sha256, p[1], _recorded_name(p[0]))
         )
@@ -346,6 +350,13 @@ class MergeCache:
                         entry.with_suffix(_SIDE).unlink(missing_ok=True)
                         lock.unlink(missing_ok=True)
         return n, freed
+
+
+def _av_hasher(av: AlignmentVector) -> Callable[[Path], str]:
+    def hash_av(_path: Path) -> str:
+        return av.hash_file()
+
+    return hash_av
 
 
 def _recorded_name(av: AlignmentVector) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
+from alignvec_gguf import AlignmentVector
 from alignvec_gguf import cache as cache_mod
 from alignvec_gguf.atomic import file_lock
 from alignvec_gguf.cache import MergeCache, cached_merge, parse_size
@@ -30,8 +31,10 @@ def base(quantized_bases, tmp_path) -> Path:
 def test_second_get_is_a_plain_lookup_and_the_base_is_hashed_once(llama_pair, base, tmp_path, monkeypatch):
     hashed: list[str] = []
     merges: list[Path] = []
-    real_hash, real_merge = cache_mod._sha256_file, cache_mod.merge
+    real_hash, real_merge, real_av_hash = cache_mod._sha256_file, cache_mod.merge, AlignmentVector.hash_file
     monkeypatch.setattr(cache_mod, "_sha256_file", lambda p: hashed.append(p.name) or real_hash(p))
+    # a vector is hashed by reading it once, its content digest checked on the way
+    monkeypatch.setattr(AlignmentVector, "hash_file", lambda av: hashed.append(av.path.name) or real_av_hash(av))
     monkeypatch.setattr(cache_mod, "merge", lambda *a, **k: merges.append(a[2]) or real_merge(*a, **k))
     c = MergeCache(tmp_path / "cache")
     first = c.get(base, {llama_pair.av: 0.5})
@@ -85,13 +88,14 @@ def test_concurrent_processes_merge_once_and_all_get_a_valid_file(llama_pair, ba
 
 def test_lru_eviction_keeps_the_bound_and_spares_entries_in_use(llama_pair, base, tmp_path):
     c = MergeCache(tmp_path / "cache", max_bytes=10**12)
-    paths = [c.get(base, {llama_pair.av: lam}) for lam in (0.1, 0.2, 0.3)]
+    # requant "same": every entry has the base's types, so all four have one size and the bound counts entries
+    paths = [c.get(base, {llama_pair.av: lam}, requant="same") for lam in (0.1, 0.2, 0.3)]
     size = paths[0].stat().st_size
     for i, p in enumerate(paths):  # distinct, ordered recencies
         os.utime(p, (1_000_000 + i, 1_000_000 + i))
-    c.get(base, {llama_pair.av: 0.1})  # a hit makes the oldest the most recent
+    c.get(base, {llama_pair.av: 0.1}, requant="same")  # a hit makes the oldest the most recent
     c.max_bytes = 3 * size
-    fourth = c.get(base, {llama_pair.av: 0.4})
+    fourth = c.get(base, {llama_pair.av: 0.4}, requant="same")
     assert not paths[1].exists() and paths[0].exists() and paths[2].exists() and fourth.exists()
     assert c.total_bytes() <= c.max_bytes
     c.max_bytes = size  # only room for one: the entry in use and the newest stay
@@ -136,3 +140,25 @@ def test_one_key_one_file_whatever_the_order_or_zero_entries(llama_pair, second_
     # all λ = 0 is the base itself: nothing merged, nothing written
     assert MergeCache(tmp_path / "c5").get(base, {a: 0.0, b: 0.0}) == base
     assert not any((tmp_path / "c5").glob("*.gguf"))
+
+
+def test_a_vector_edited_after_writing_is_refused_not_recorded(llama_pair, tmp_path):
+    """Its recorded content digest no longer matches its tensors: a merged model would carry a false provenance."""
+    from alignvec_gguf.errors import FormatError
+
+    edited = tmp_path / "edited.avec.gguf"
+    shutil.copy(llama_pair.av, edited)
+    last = max(GGUFReader(edited).tensors, key=lambda t: t.data_offset)
+    with open(edited, "r+b") as f:  # the lowest mantissa bit of one float32: still finite, still plausible
+        f.seek(int(last.data_offset))
+        byte = f.read(1)
+        f.seek(int(last.data_offset))
+        f.write(bytes([byte[0] ^ 1]))
+    cache = MergeCache(tmp_path / "cache")
+    with pytest.raises(FormatError, match="tensors changed after it was written") as e:
+        cache.get(llama_pair.base_gguf, {edited: 0.5})
+    assert "\n" not in str(e.value) and not list((tmp_path / "cache").glob("*.gguf"))
+    # the untouched original still merges, and its merged file records what was read
+    merged = cache.get(llama_pair.base_gguf, {llama_pair.av: 0.5})
+    recorded = GGUFReader(merged).fields["alignvec.merged.vector_sha256"].contents()
+    assert recorded == [AlignmentVector(llama_pair.av).content_sha256]

@@ -8,7 +8,12 @@ share. Each domain's vector is merged alone at each λ (other domains at 0) and 
 questions.
 
 The eval set is JSON: a list of ``{"domain": ..., "prompt": ..., "responses": {level: text}}``; the
-response follows the prompt after one space, as the bundled models were trained.
+response follows the prompt after one space, as the bundled tiny models were trained, unless the item
+says otherwise with ``"separator"`` (``""`` for prompts in a chat template, which end where the
+assistant's turn begins). Special tokens written in the text (``<|im_start|>`` ...) are parsed as such.
+
+:class:`MixScorer` scores the same way under decoding-time realignment (DeRa, arXiv 2402.02992): per
+token, the logits are ``(1 − λ)·z_base + λ·z_aligned``, two forward passes instead of one merged model.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ log = logging.getLogger(__name__)
 
 LEVELS = ("avoidance", "generic", "expert")
 DEFAULT_LAMBDAS = (-1.5, -1.0, -0.5, 0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5)
-N_CTX = 0  # the model's own training context: a larger one only draws a warning from llama.cpp
+N_CTX = 512  # prompt + response; llama-cpp-python keeps n_ctx x n_vocab logits with logits_all
 
 Shares = dict[str, float]  # level -> share of questions
 
@@ -50,6 +55,11 @@ class EvalItem:
     domain: str
     prompt: str
     responses: dict[str, str]
+    separator: str = " "  # between the prompt and a response
+
+    def text(self, level: str) -> str:
+        """The prompt followed by the response at ``level``."""
+        return f"{self.prompt}{self.separator}{self.responses[level]}"
 
 
 def load_eval_set(path: str | os.PathLike[str]) -> list[EvalItem]:
@@ -74,7 +84,10 @@ def load_eval_set(path: str | os.PathLike[str]) -> list[EvalItem]:
             )
         if not all(isinstance(responses[lv], str) and responses[lv] for lv in LEVELS):
             raise FormatError(f"eval set {path}, item {i}: every response must be a non-empty string")
-        items.append(EvalItem(rec["domain"], rec["prompt"], {lv: responses[lv] for lv in LEVELS}))
+        separator = rec.get("separator", " ")
+        if not isinstance(separator, str):
+            raise FormatError(f"eval set {path}, item {i}: 'separator' must be a string")
+        items.append(EvalItem(rec["domain"], rec["prompt"], {lv: responses[lv] for lv in LEVELS}, separator))
     return items
 
 
@@ -88,14 +101,14 @@ class Scorer:
     """Length-normalised log-likelihoods of responses under one GGUF model, with llama.cpp."""
 
     def __init__(self, model_path: str | os.PathLike[str], *, n_threads: int | None = None) -> None:
-        from llama_cpp import Llama
+        from .cpu import new_llama
 
         # One thread by default, for prompts too (llama-cpp-python's batch default is every core): for a
         # model this small, threads only add barriers, and on a busy CPU a barrier waits for a time slice.
         threads = n_threads or 1
         try:
-            self.llm: Llama = Llama(
-                model_path=str(model_path),
+            self.llm: Llama = new_llama(
+                model_path,
                 n_ctx=N_CTX,
                 logits_all=True,
                 verbose=False,
@@ -111,33 +124,30 @@ class Scorer:
         self.llm.close()
 
     def _tokens(self, text: str) -> list[int]:
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True))
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def response_logits(self, item: EvalItem, level: str) -> tuple[np.ndarray, list[int]]:
+        """The logits that predict each response token (and the EOS after it), and those tokens."""
+        prompt = self._tokens(item.prompt)
+        full = self._tokens(item.text(level))
+        shared = 0
+        while shared < min(len(prompt), len(full)) and prompt[shared] == full[shared]:
+            shared += 1
+        shared = max(shared, 1)  # BOS at least: the first response token needs a prefix
+        target = full[shared:] + [self._eos]
+        if len(full) + 1 > self.llm.n_ctx():
+            raise InputError(
+                f"prompt + response is {len(full) + 1} tokens, over the scorer's context of {self.llm.n_ctx()}; "
+                "shorten the eval set's texts"
+            )
+        self._set_prefix(full[:shared])
+        if len(target) > 1:
+            self.llm.eval(target[:-1])
+        return np.asarray(self.llm.scores[shared - 1 : shared - 1 + len(target)], dtype=np.float64), target
 
     def level_scores(self, item: EvalItem) -> dict[str, float]:
         """level -> mean log-probability per response token (EOS included) given the prompt."""
-        prompt = self._tokens(item.prompt)
-        out: dict[str, float] = {}
-        for level in LEVELS:
-            full = self._tokens(f"{item.prompt} {item.responses[level]}")
-            shared = 0
-            while shared < min(len(prompt), len(full)) and prompt[shared] == full[shared]:
-                shared += 1
-            shared = max(shared, 1)  # BOS at least: the first response token needs a prefix
-            target = full[shared:] + [self._eos]
-            if len(full) + 1 > self.llm.n_ctx():
-                raise InputError(
-                    f"prompt + response is {len(full) + 1} tokens, over the model's context of {self.llm.n_ctx()}; "
-                    "shorten the eval set's texts"
-                )
-            self._set_prefix(full[:shared])
-            if len(target) > 1:
-                self.llm.eval(target[:-1])
-            logits = np.asarray(self.llm.scores[shared - 1 : shared - 1 + len(target)], dtype=np.float64)
-            top = logits.max(axis=1, keepdims=True)
-            lse = (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
-            logp = logits[np.arange(len(target)), target] - lse
-            out[level] = float(logp.mean())
-        return out
+        return {level: mean_logp(*self.response_logits(item, level)) for level in LEVELS}
 
     def _set_prefix(self, tokens: list[int]) -> None:
         # Keep the KV cache of a shared prompt: rewind to it when it is already there, else evaluate it.
@@ -147,6 +157,36 @@ class Scorer:
             return
         self.llm.reset()
         self.llm.eval(tokens)
+
+
+def mean_logp(logits: np.ndarray, target: Sequence[int]) -> float:
+    """Mean log-softmax probability of ``target[i]`` under row ``i`` of ``logits``."""
+    top = logits.max(axis=1, keepdims=True)
+    lse = (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
+    return float((logits[np.arange(len(target)), list(target)] - lse).mean())
+
+
+class MixScorer:
+    """Level scores under DeRa (arXiv 2402.02992): logits (1 − λ)·z_base + λ·z_aligned, token by token.
+
+    Both models' logits for an item are computed once and mixed for every λ, so a whole λ curve costs
+    two forward passes per response; at generation time DeRa pays those two passes for every token.
+    """
+
+    def __init__(self, base: Scorer, aligned: Scorer) -> None:
+        self.base, self.aligned = base, aligned
+
+    def level_scores_over(self, item: EvalItem, lambdas: Sequence[float]) -> dict[float, dict[str, float]]:
+        """λ -> level -> mean log-probability per response token under the mixed logits."""
+        out: dict[float, dict[str, float]] = {lam: {} for lam in lambdas}
+        for level in LEVELS:
+            z0, target = self.base.response_logits(item, level)
+            z1, target1 = self.aligned.response_logits(item, level)
+            if target != target1:
+                raise InputError("the base and the aligned model tokenize differently; DeRa needs one vocabulary")
+            for lam in lambdas:
+                out[lam][level] = mean_logp((1 - lam) * z0 + lam * z1, target)
+        return out
 
 
 def preferred(scores: Mapping[str, float]) -> str:
@@ -290,4 +330,63 @@ def evaluate(
             mix: dict[VectorRef, float] = {vectors[domain]: lam}
             got = score_mix(base, mix, {domain: groups[domain]}, Path(tmp), requant=requant, n_threads=n_threads)
             result.curves.setdefault(domain, {})[lam] = got[domain]
+    return result
+
+
+def evaluate_dera(
+    base: str | os.PathLike[str],
+    vectors: Mapping[str, str | os.PathLike[str]],
+    items: Sequence[EvalItem],
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    *,
+    requant: str = DEFAULT_POLICY,
+    n_threads: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Level shares per domain over ``lambdas`` under DeRa instead of a merge at each λ.
+
+    The aligned model of a domain is the base with its AV merged at λ = 1 (``requant``); the share at
+    λ comes from the logits (1 − λ)·z_base + λ·z_aligned (:class:`MixScorer`).
+    """
+    base = Path(base)
+    if not base.is_file():
+        raise InputError(f"base model {base} does not exist")
+    grid = check_lambdas(lambdas)
+    check_vectors(vectors, items)
+    groups = by_domain(items)
+    result = EvalResult(
+        base=str(base),
+        requant=f"DeRa ({requant} at λ=1)",
+        vectors={d: str(p) for d, p in vectors.items()},
+        n_items={d: len(groups[d]) for d in vectors},
+        lambdas=grid,
+    )
+    with tempfile.TemporaryDirectory(prefix="alignvec-dera-") as tmp, closing(Scorer(base, n_threads=n_threads)) as s0:
+        for domain in tqdm(list(vectors), desc="DeRa", unit="domain", disable=not progress, leave=False):
+            with merged_model(base, {vectors[domain]: 1.0}, Path(tmp), requant) as path:
+                with closing(Scorer(path, n_threads=n_threads)) as s1:
+                    mix = MixScorer(s0, s1)
+                    counts = {lam: dict.fromkeys(LEVELS, 0) for lam in grid}
+                    for item in groups[domain]:
+                        for lam, scores in mix.level_scores_over(item, grid).items():
+                            counts[lam][preferred(scores)] += 1
+            n = len(groups[domain])
+            result.curves[domain] = {lam: {lv: c[lv] / n for lv in LEVELS} for lam, c in counts.items()}
+    return result
+
+
+def result_from_json(payload: Mapping[str, Any]) -> EvalResult:
+    """An :class:`EvalResult` back from its :meth:`EvalResult.to_json` form."""
+    try:
+        result = EvalResult(
+            base=str(payload["base"]),
+            requant=str(payload["requant"]),
+            vectors={d: str(v["vector"]) for d, v in payload["domains"].items()},
+            n_items={d: int(v["n_items"]) for d, v in payload["domains"].items()},
+            lambdas=[float(x) for x in payload["lambdas"]],
+        )
+        for d, v in payload["domains"].items():
+            result.curves[d] = {float(row["lambda"]): {lv: float(row[lv]) for lv in LEVELS} for row in v["shares"]}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise FormatError(f"not an eval result ({e!r})") from None
     return result

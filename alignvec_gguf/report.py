@@ -66,8 +66,13 @@ def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
         Path(tmp).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def plot(path: str | os.PathLike[str], results: Sequence[tuple[str, EvalResult]]) -> None:
-    """PNG: one panel per domain, each level's share against λ; one line style per labelled result."""
+def plot(
+    path: str | os.PathLike[str],
+    results: Sequence[tuple[str, EvalResult]],
+    levels: Sequence[str] = LEVELS,
+    title: str = "Preference accuracy against λ (likelihood-ranked level, llama.cpp)",
+) -> None:
+    """PNG: one panel per domain, the share of each of ``levels`` against λ; one line style per labelled result."""
     try:
         import matplotlib
 
@@ -79,17 +84,17 @@ def plot(path: str | os.PathLike[str], results: Sequence[tuple[str, EvalResult]]
         raise InputError("nothing to plot")
     domains = list(results[0][1].curves)
     colors = {"avoidance": "tab:red", "generic": "tab:gray", "expert": "tab:blue"}
-    styles = ["-", "--", ":", "-."]
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]
     fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.6), sharey=True, squeeze=False)
     for ax, domain in zip(axes[0], domains, strict=True):
         for (label, result), style in zip(results, styles, strict=False):
             if domain not in result.curves:
                 continue
             xs = result.lambdas
-            for lv in LEVELS:
+            for lv in levels:
                 ys = [result.curves[domain][lam][lv] for lam in xs]
                 marker = "o" if style == "-" else None
-                ax.plot(xs, ys, style, color=colors[lv], marker=marker, ms=3, label=f"{lv} ({label})")
+                ax.plot(xs, ys, linestyle=style, color=colors[lv], marker=marker, ms=3, label=f"{lv} ({label})")
         ax.set_title(f"{domain} AV")
         ax.set_xlabel("λ")
         ax.axvline(0, color="black", lw=0.5)
@@ -98,7 +103,7 @@ def plot(path: str | os.PathLike[str], results: Sequence[tuple[str, EvalResult]]
     axes[0][0].set_ylabel("share of held-out questions")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle("Preference accuracy against λ (likelihood-ranked level, llama.cpp)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.1 if len(results) > 1 else 0.08, 1, 1))
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -16,7 +16,18 @@ import pytest
 from alignvec_gguf import demo
 from alignvec_gguf.cli import main
 from alignvec_gguf.errors import FormatError, InputError
-from alignvec_gguf.eval import LEVELS, EvalItem, Scorer, evaluate, load_eval_set, preferred, shares
+from alignvec_gguf.eval import (
+    LEVELS,
+    EvalItem,
+    MixScorer,
+    Scorer,
+    evaluate,
+    evaluate_dera,
+    load_eval_set,
+    preferred,
+    result_from_json,
+    shares,
+)
 from alignvec_gguf.report import eval_table, search_table
 from alignvec_gguf.search import Point, best_points, search
 
@@ -53,13 +64,13 @@ def test_bundled_eval_set_covers_three_domains_and_levels(items):
 
 def test_scores_match_llama_cpp_from_scratch(bundled, items):
     """Reusing the prompt's KV cache must give the log-likelihoods of a fresh evaluation of prompt + response."""
-    from llama_cpp import Llama
+    from alignvec_gguf.cpu import new_llama
 
     item = items[0]
     scorer = Scorer(bundled.base)
     try:
         got = scorer.level_scores(item)
-        fresh = Llama(model_path=str(bundled.base), n_ctx=0, logits_all=True, verbose=False)
+        fresh = new_llama(bundled.base, n_ctx=0, logits_all=True, verbose=False)
         for level in LEVELS:
             prompt = fresh.tokenize(item.prompt.encode(), add_bos=True)
             full = fresh.tokenize(f"{item.prompt} {item.responses[level]}".encode(), add_bos=True)
@@ -189,3 +200,62 @@ def test_load_eval_set_errors(tmp_path):
         load_eval_set(path)
     with pytest.raises(InputError, match="does not exist"):
         load_eval_set(tmp_path / "nope.json")
+
+
+def test_separator_joins_prompt_and_response(tmp_path, bundled, items):
+    """A chat-style set (``separator: ""``) scores prompt + response exactly as a plain set spelling the space out."""
+    item = items[0]
+    path = tmp_path / "chat.json"
+    record = {"domain": item.domain, "prompt": item.prompt + " ", "separator": "", "responses": item.responses}
+    path.write_text(json.dumps([record]))
+    (loaded,) = load_eval_set(path)
+    assert loaded.separator == "" and loaded.text("expert") == item.text("expert")
+    scorer = Scorer(bundled.base)
+    try:
+        assert scorer.level_scores(loaded) == pytest.approx(scorer.level_scores(item), abs=1e-6)
+    finally:
+        scorer.close()
+    path.write_text(json.dumps([{**record, "separator": 3}]))
+    with pytest.raises(FormatError, match="separator"):
+        load_eval_set(path)
+
+
+def test_dera_mixes_logits_between_the_base_and_the_aligned_model(tmp_path, bundled, items):
+    """λ = 0 is the base's score and λ = 1 the merged model's, exactly; λ = 0.5 mixes the logits, not the scores."""
+    from alignvec_gguf import merge
+
+    aligned = tmp_path / "medical.gguf"
+    merge(bundled.base, {bundled.vectors["medical"]: 1.0}, aligned)
+    item = next(it for it in items if it.domain == "medical")
+    s0, s1 = Scorer(bundled.base), Scorer(aligned)
+    try:
+        mixed = MixScorer(s0, s1).level_scores_over(item, [0.0, 0.5, 1.0])
+        assert mixed[0.0] == pytest.approx(s0.level_scores(item), abs=1e-9)
+        assert mixed[1.0] == pytest.approx(s1.level_scores(item), abs=1e-9)
+        z0, target = s0.response_logits(item, "expert")
+        z1, _ = s1.response_logits(item, "expert")
+        half = 0.5 * (z0 + z1)
+        logp = (
+            half - np.log(np.exp(half - half.max(1, keepdims=True)).sum(1, keepdims=True)) - half.max(1, keepdims=True)
+        )
+        assert mixed[0.5]["expert"] == pytest.approx(float(np.mean(logp[np.arange(len(target)), target])), abs=1e-9)
+    finally:
+        s0.close()
+        s1.close()
+    curve = evaluate_dera(bundled.base, {"medical": bundled.vectors["medical"]}, _few(items, 4), [0.0, 1.0])
+    plain = evaluate(bundled.base, {"medical": bundled.vectors["medical"]}, _few(items, 4), [0.0, 1.0])
+    assert curve.curves["medical"] == plain.curves["medical"]  # the two ends are the two models themselves
+    assert curve.requant.startswith("DeRa")
+
+
+def test_eval_result_round_trips_through_json(bundled, items):
+    result = evaluate(bundled.base, {"legal": bundled.vectors["legal"]}, _few(items, 2), [0.0])
+    back = result_from_json(json.loads(json.dumps(result.to_json())))
+    assert (back.curves, back.lambdas, back.n_items, back.requant) == (
+        result.curves,
+        result.lambdas,
+        result.n_items,
+        result.requant,
+    )
+    with pytest.raises(FormatError, match="not an eval result"):
+        result_from_json({"base": "x"})

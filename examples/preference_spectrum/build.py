@@ -1,9 +1,15 @@
 """Build the preference-spectrum models: a base, three domain DPO alignment vectors, a second-stage
 checkpoint for transfer, and a joint retrain for the cost comparison. The bundled demo data comes from here.
 
-    python examples/preference_spectrum/build.py --llama-cpp-src .../llama_cpp_python-0.3.36/vendor/llama.cpp
+    python examples/preference_spectrum/build.py                   # the tiny models (a few minutes)
+    python examples/preference_spectrum/build.py --model smollm2   # the real model (smollm2.py; ~25 min)
 
-Steps (seeded; a few minutes on 2 CPU cores; needs torch, transformers, sentencepiece):
+llama.cpp's source tree (for its ``convert_hf_to_gguf.py``) is found as the tests find it: ``$LLAMA_CPP_SRC``,
+else the llama-cpp-python source distribution fetched once into ``.cache/`` (``$ALIGNVEC_TEST_CACHE``).
+Everything goes under ``--build-dir``; the files that ship in the package (``alignvec_gguf/demo_data/``)
+are rewritten only with ``--refresh-demo-data``.
+
+Steps of ``--model tiny`` (seeded; a few minutes on 2 CPU cores; needs torch, transformers, sentencepiece):
 
 1. Dataset (``data.py``): 3 domains x 10 topics x 6 question templates, one response per level.
 2. Tokenizer: SentencePiece BPE, vocab 1024, byte fallback.
@@ -18,11 +24,11 @@ Steps (seeded; a few minutes on 2 CPU cores; needs torch, transformers, sentence
 7. The base and stage-2 models through llama.cpp's ``convert_hf_to_gguf.py`` (F32) and
    ``llama_model_quantize`` (Q4_K_M).
 
-Outputs: ``--out-dir`` (default ``alignvec_gguf/demo_data/``) gets ``base.Q4_K_M.gguf``, the three
-``{domain}.avec.gguf``, ``heldout.json`` and ``PROVENANCE.md``; ``--build-dir`` (default
-``build/preference_spectrum/``, not committed) gets the checkpoints, ``base.f32.gguf``,
-``stage2.Q4_K_M.gguf``, ``stage2.f32.gguf`` and ``stats.json`` (timings and accuracies that
-``benchmarks/paper_claims.py`` reads).
+Outputs: ``--build-dir`` (default ``build/preference_spectrum/``, not committed) gets the checkpoints,
+``base.f32.gguf``, ``stage2.Q4_K_M.gguf``, ``stage2.f32.gguf``, ``stats.json`` (timings and accuracies that
+``benchmarks/paper_claims.py`` reads) and, in ``bundle/``, what the package ships: ``base.Q4_K_M.gguf``,
+the three ``{domain}.avec.gguf``, ``heldout.json`` and ``PROVENANCE.md`` (copied over
+``alignvec_gguf/demo_data/`` only with ``--refresh-demo-data``).
 """
 
 from __future__ import annotations
@@ -165,21 +171,21 @@ def convert_to_gguf(model_dir: Path, out: Path, llama_cpp_src: Path) -> None:
         sys.exit(f"build.py: llama.cpp's converter failed:\n{result.stderr[-3000:]}")
 
 
-def quantize(src: Path, out: Path) -> None:
-    """Q4_K_M with llama.cpp's quantizer (``llama_model_quantize``)."""
+def quantize(src: Path, out: Path, ftype: str = "Q4_K_M") -> None:
+    """``ftype`` (Q4_K_M, Q8_0, ...) with llama.cpp's quantizer (``llama_model_quantize``)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
         sys.exit(f"build.py: llama_model_quantize failed on {src}")
 
 
 def check_tokenizer(gguf: Path, sp: spm.SentencePieceProcessor, records: list[dict]) -> None:
     """llama.cpp must tokenize prompt + response exactly as training did."""
-    import llama_cpp
+    from alignvec_gguf.cpu import new_llama
 
-    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    llm = new_llama(gguf, vocab_only=True, verbose=False)
     for rec in records:
         for response in rec["responses"].values():
             ours = encode(sp, rec["prompt"], response)[0][:-1]
@@ -202,7 +208,7 @@ PROVENANCE = """\
 
 Built by `examples/preference_spectrum/build.py` (see `examples/preference_spectrum/README.md`) with:
 
-    python examples/preference_spectrum/build.py --llama-cpp-src .../llama_cpp_python-0.3.36/vendor/llama.cpp{changed}
+    python examples/preference_spectrum/build.py --refresh-demo-data{changed}
 
 - Dataset: `examples/preference_spectrum/data.py`, 3 domains (medical, legal, financial) x 10 topics x
   6 question templates with a persona, one response per level (avoidance, generic, expert); two templates
@@ -227,24 +233,42 @@ def _changed_args(args: argparse.Namespace) -> str:
     return "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in DEFAULTS.items() if getattr(args, k) != v)
 
 
+def find_llama_cpp_src(given: Path | None) -> Path:
+    """llama.cpp's source tree: ``given``, else as the tests find it (``$LLAMA_CPP_SRC`` or the sdist in .cache)."""
+    if given is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import tinymodels
+
+        given = tinymodels.llama_cpp_source(Path(os.environ.get("ALIGNVEC_TEST_CACHE", ROOT / ".cache")))
+    if not (given / "convert_hf_to_gguf.py").is_file():
+        sys.exit(f"build.py: {given} has no convert_hf_to_gguf.py; unset LLAMA_CPP_SRC or point it at llama.cpp")
+    return given
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options; ``--llama-cpp-src`` defaults to ``$LLAMA_CPP_SRC``."""
+    """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(description="Build the preference-spectrum models and the bundled demo data.")
+    p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny", help="the tiny Llama or SmolLM2-135M")
+    p.add_argument("--llama-cpp-src", type=Path, default=None, help=argparse.SUPPRESS)  # found like the tests do
+    p.add_argument("--build-dir", type=Path, default=None, help="default build/preference_spectrum[_smollm2]")
     p.add_argument(
-        "--llama-cpp-src",
-        type=Path,
-        default=os.environ.get("LLAMA_CPP_SRC"),
-        help="llama.cpp source tree with convert_hf_to_gguf.py (default: $LLAMA_CPP_SRC)",
+        "--refresh-demo-data",
+        action="store_true",
+        help="also copy the bundled files over alignvec_gguf/demo_data/ (the package's shipped data)",
     )
-    p.add_argument("--build-dir", type=Path, default=ROOT / "build" / "preference_spectrum")
-    p.add_argument("--out-dir", type=Path, default=DEMO_DATA, help="where the bundled files go")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size here)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 tiny, 2 smollm2)")
     p.add_argument("--reuse-base", action="store_true", help="keep build-dir/base if it exists (development)")
-    for key, value in DEFAULTS.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    import smollm2
+
+    for key, value in {**DEFAULTS, **smollm2.DEFAULTS}.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     args = p.parse_args(argv)
-    if args.llama_cpp_src is None or not (args.llama_cpp_src / "convert_hf_to_gguf.py").is_file():
-        p.error("give --llama-cpp-src DIR (llama.cpp's source tree with convert_hf_to_gguf.py) or set LLAMA_CPP_SRC")
+    if args.model == "tiny":
+        args.build_dir = args.build_dir or ROOT / "build" / "preference_spectrum"
+        args.threads = args.threads or 1
+        for key, value in DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     return args
 
 
@@ -253,11 +277,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     args = parse_args(argv)
+    args.llama_cpp_src = find_llama_cpp_src(args.llama_cpp_src)
+    if args.model == "smollm2":
+        import smollm2
+
+        return smollm2.build(args)
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
     build: Path = args.build_dir
     build.mkdir(parents=True, exist_ok=True)
+    args.out_dir = build / "bundle"
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     train, heldout = data.dataset(args.seed)
@@ -397,8 +427,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     (build / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     for f in sorted(args.out_dir.iterdir()):
         log.info("%-22s %9d bytes", f.name, f.stat().st_size)
+    if args.refresh_demo_data:
+        refresh(args.out_dir, DEMO_DATA)
     log.info("done in %.0fs", stats["total_seconds"])
     return 0
+
+
+def refresh(bundle: Path, target: Path) -> None:
+    """Copy the built bundle's files over the package's shipped data (``--refresh-demo-data`` only)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for f in sorted(bundle.iterdir()):
+        if f.is_file():
+            shutil.copy(f, target / f.name)
+    log.info("refreshed %s from %s", target, bundle)
 
 
 if __name__ == "__main__":

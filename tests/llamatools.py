@@ -13,7 +13,8 @@ Where the tools live: ``$ALIGNVEC_LLAMA_TOOLS`` if set, else ``~/.cache/alignvec
 it is. The build is ``-DGGML_NATIVE=OFF`` with explicit AVX2/FMA/F16C flags (plus AVX-512 only where the CPU
 has it), so the AMX kernel, which crashes on Intel AMX CPUs, is never compiled in; only the needed targets
 are built, under ``nice``, and a file lock makes concurrent processes build once (the others wait and use
-the result). ``$ALIGNVEC_LLAMA_TOOLS_BUILD=0`` forbids building: then only cached tools are used.
+the result). ``$ALIGNVEC_LLAMA_TOOLS_BUILD=0`` forbids building: then only cached tools are used. The
+benchmarks build what they miss; the tests only with ``$ALIGNVEC_LLAMA_TOOLS_BUILD=1``, and skip otherwise.
 """
 
 from __future__ import annotations
@@ -210,9 +211,18 @@ def _run(cmd: list[str], logfile: Path) -> None:
         raise ToolsUnavailable(f"{' '.join(cmd[:3])} ... failed (see {logfile}): {' | '.join(tail)}")
 
 
-def ensure(targets: tuple[str, ...] = tuple(TARGETS)) -> Path:
-    """The tools' directory: cached ones at once, else built now (:class:`ToolsUnavailable` if impossible)."""
-    return cached(targets) or build(targets)
+def ensure(targets: tuple[str, ...] = tuple(TARGETS), *, build_missing: bool = True) -> Path:
+    """The tools' directory: cached ones at once, else built now (:class:`ToolsUnavailable` if impossible, or
+    if ``build_missing`` is false: the tests build only when asked, since a first build takes many minutes)."""
+    if (found := cached(targets)) is not None:
+        return found
+    if not build_missing:
+        minutes = round(((record() or {}).get("seconds_total") or EXPECTED_BUILD_S) / 60)
+        raise ToolsUnavailable(
+            f"llama.cpp's tools are not built (once, about {minutes} min on 2 cores): run python tests/llamatools.py, "
+            "or set ALIGNVEC_LLAMA_TOOLS_BUILD=1 to let the tests build them"
+        )
+    return build(targets)
 
 
 if __name__ == "__main__":  # python tests/llamatools.py: build (or find) the tools, print where and how long

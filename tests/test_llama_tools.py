@@ -3,13 +3,14 @@ writes: llama-server serving a merged GGUF, llama-server with low-rank AVs as Lo
 and a merged model spread over llama.cpp's RPC backend. The oracle everywhere is greedy decoding by argmax over
 llama-cpp-python's logits in this process. Loopback only; every server gets a few requests and a timeout.
 
-The first run builds the tools (minutes; see ``python tests/llamatools.py``); ``ALIGNVEC_LLAMA_TOOLS_BUILD=0``
-makes these tests skip instead when they are not built yet.
+They skip, saying so, until the tools are built: ``python tests/llamatools.py`` (once; about 40 minutes on 2
+shared cores), or ``ALIGNVEC_LLAMA_TOOLS_BUILD=1`` to let these tests build them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +32,10 @@ THREADS = ["-t", "2", "-tb", "2"]
 @pytest.fixture(scope="module")
 def bindir() -> Path:
     try:
-        found = llamatools.ensure(("llama-server", "ggml-rpc-server"))
+        build = os.environ.get("ALIGNVEC_LLAMA_TOOLS_BUILD") == "1"
+        found = llamatools.ensure(("llama-server", "ggml-rpc-server"), build_missing=build)
     except llamatools.ToolsUnavailable as e:
-        pytest.skip(f"{e}; build them with: python tests/llamatools.py")
+        pytest.skip(str(e))
     rec = llamatools.record()
     if rec:
         print(f"llama.cpp tools in {found}, built in {rec['seconds_total']:.0f} s")  # shown with pytest -s

@@ -14,8 +14,9 @@ process (timings and peak RSS from ``wait4``). What is measured:
   tensor in f32).
 - ``export_lora_pipeline_vs_merge``: llama.cpp's ``llama-export-lora`` (F32 base + a rank-32 LoRA -> F16)
   then ``llama-quantize`` (-> Q4_K_M), built from the llama-cpp-python source distribution, against
-  ``alignvec merge`` of the same low-rank vector into the Q4_K_M base. Set LLAMA_CPP_BIN to the directory
-  holding both tools (default /work/llama-build/bin); if they are missing the output says so.
+  ``alignvec merge`` of the same low-rank vector into the Q4_K_M base. Both tools are built from the
+  pinned llama-cpp-python sdist on first use and cached (``tests/llamatools.py``; LLAMA_CPP_BIN points at
+  tools built by hand instead); where that is impossible the output says why in one line.
 - ``numpy_pipeline_vs_merge``: gguf-py's numpy dequantize + quantize of the same merge (Q8_0 base: gguf-py
   cannot quantize K-quants); past 60 s it is extrapolated from the tensors done.
 - The in-memory load through ``llama_model_init_from_user`` (``load(mode="direct")``): load time, tokens/s
@@ -43,6 +44,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # llamatools: llama.cpp's own tools, built once from the pinned sdist
 
 SIZES = {
     "full": dict(hidden=2048, inter=5632, layers=22, heads=32, kv_heads=4, vocab=32000),
@@ -405,8 +407,16 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
 
         # llama.cpp's own pipeline on the equivalent low-rank adapter, against our merge of the same vector
-        bindir = Path(os.environ.get("LLAMA_CPP_BIN", "/work/llama-build/bin"))
-        export, quantize = bindir / "llama-export-lora", bindir / "llama-quantize"
+        # (built from the pinned sdist on first use and cached: tests/llamatools.py; $LLAMA_CPP_BIN overrides)
+        import llamatools
+
+        try:
+            bindir: Path | None = llamatools.ensure(("llama-export-lora", "llama-quantize"))
+            unavailable = ""
+        except llamatools.ToolsUnavailable as e:
+            bindir, unavailable = None, str(e)
+        export = bindir / "llama-export-lora" if bindir else Path("llama-export-lora")
+        quantize = bindir / "llama-quantize" if bindir else Path("llama-quantize")
         base_q4 = root / "base-Q4_K_M.gguf"
         low = {"base": str(base_q4), "av": str(lowrank_av), "lam": 1.0, "out": str(root / "l.gguf")}
         ours = run_child("merge", {**low, "requant": DEFAULT_POLICY})
@@ -428,9 +438,7 @@ def main() -> None:
             )
         else:
             out["export_lora_pipeline_vs_merge"] = None
-            out["export_lora_unavailable"] = (
-                f"llama-export-lora / llama-quantize not found in {bindir} (set LLAMA_CPP_BIN)"
-            )
+            out["export_lora_unavailable"] = f"llama.cpp's llama-export-lora / llama-quantize: {unavailable}"
             rows.append(("export-lora", out["export_lora_unavailable"]))
     finally:
         if not args.keep:

@@ -225,7 +225,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(lambdas=args.lambdas, n_tokens=args.n, quiet=args.quiet, table=not args.no_table)
+    return run_demo(lambdas=args.lambdas, n_tokens=args.n, quiet=args.quiet, table=not args.no_table, tiny=args.tiny)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -420,10 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="the preference spectrum on the bundled tiny models")
+    p = sub.add_parser("demo", help="the preference spectrum as a dial on SmolLM2-135M (or the bundled tiny models)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[-1.0, 0.0, 0.5, 1.0], help="λ for the answers")
-    p.add_argument("-n", type=int, default=48, help="tokens per answer")
+    p.add_argument("-n", type=int, default=None, help="tokens per answer (default 72; tiny models 48)")
     p.add_argument("--no-table", action="store_true", help="skip the preference-accuracy table")
+    p.add_argument("--tiny", action="store_true", help="the bundled tiny models instead of SmolLM2 (no download)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cache", help="list or clear the cache of merged models")

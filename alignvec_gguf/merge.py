@@ -60,16 +60,17 @@ Vectors = Mapping[VectorRef, float]
 
 # The policies besides plain ggml type names, with what they do (shown by --help and in errors).
 POLICIES: dict[str, str] = {
+    "unbiased": "about the same size: unbiased random rounding on the base's scales where it adds at most a noise "
+    "budget, else on a Q8_0 grid made from the tensor's own values (unbiased:B sets the budget, default 0.05)",
     "calibrated": "same size: the base's scales, rounding threshold per tensor keeps the knob within a noise budget "
-    "(calibrated:B sets the budget, default 0.1)",
+    "(calibrated:B sets the budget, default 0.1); measured to overshoot λ on real fine-tuning vectors",
     "same": "every tensor keeps the base's type; ggml requantizes (round to nearest): small deltas are erased",
     "grid": "like same on the base's own scales: same fidelity, several times faster on K-quants",
-    "dither": "same size: the base's scales, unbiased random rounding (measured: calibrated is better)",
+    "dither": "same size: the base's scales, unbiased random rounding everywhere",
     "hifi": "touched tensors coarser than 8 bits become Q8_0 unless their own grid keeps the change (larger file)",
-    "unbiased": "the base's scales and unbiased random rounding where it adds at most a noise budget; Q8_0 for the "
-    "coarse tensors where it would add more (unbiased:B sets the budget, default 0.25)",
 }
-DEFAULT_POLICY = "calibrated"  # chosen from benchmarks/fidelity.py: README, "Requantization and the knob"
+# chosen from benchmarks/fidelity.py --model smollm2 (a real model and vector): README, "Requantization and the knob"
+DEFAULT_POLICY = "unbiased"
 
 # Types that need an importance matrix fall back, without one, to the nearest type that does not.
 # ggml itself insists for IQ2_XXS, IQ2_XS and IQ1_S; llama.cpp's quantizer refuses the other three too
@@ -95,7 +96,7 @@ COARSE_TYPES = frozenset(
 HIFI_MIN_KEPT = 0.95
 HIFI_MIN_COS = 0.95
 # unbiased: a coarse tensor stays on its grid while dithering adds at most this share of its own rounding noise
-UNBIASED_BUDGET = 0.25
+UNBIASED_BUDGET = 0.05
 LAMBDA_MAX = 1e30  # float32 arithmetic: λ·Δ must stay far from its 3.4e38 limit
 BIG_TENSOR_SHARE = 1 / 32  # a tensor with this share of all touched elements is computed on every core
 _RELEASE_EVERY = 64 << 20  # bytes streamed between two drops of the inputs' resident pages
@@ -256,6 +257,8 @@ class _Job:
     full: ModelTensor | None  # the same tensor in the full-precision base, if one was given
     threads: int | None
     rounding: str  # "ggml", or a rounding on the base's grid (requant.ROUNDINGS)
+    # round on a finer grid made from the base's own values (quantized to qtype first) instead of the base's
+    regrid: bool = False
 
 
 def _scaled_delta(av: AlignmentVector, name: str, lam: float, n_per_row: int) -> np.ndarray:
@@ -374,7 +377,7 @@ def _fresh_blocks(job: _Job) -> Callable[[np.ndarray, np.ndarray, np.ndarray], n
 def run_job(job: _Job) -> tuple[np.ndarray, int]:
     """The merged tensor's bytes, and how many blocks a grid policy had to quantize afresh."""
     t = job.tensor
-    on_grid = job.rounding != "ggml" and job.qtype == t.tensor_type and job.qtype in GRID_TYPES
+    on_grid = job.rounding != "ggml" and job.qtype in GRID_TYPES and (job.qtype == t.tensor_type or job.regrid)
     if not on_grid:
         rows = _merged_rows(job)
         if job.qtype == QT.F32:
@@ -383,6 +386,9 @@ def run_job(job: _Job) -> tuple[np.ndarray, int]:
     shift = _shift_source(job)
     raw = t.raw()
     threads = job.threads or ggml.default_threads()
+    if job.qtype != t.tensor_type:  # regrid: the base's values on the finer type's grid, then the shift on it
+        values = ggml.dequantize(raw, t.tensor_type, t.n_elements).reshape(-1, t.shape[-1])
+        raw = ggml.quantize(values, job.qtype, job.imatrix, threads=threads)
     try:
         out, refresh = requantize_on_grid(
             raw,
@@ -471,13 +477,13 @@ class MergePlan:
                 if kept >= HIFI_MIN_KEPT and cos >= HIFI_MIN_COS:
                     job = replace(job, qtype=t.tensor_type)
             elif self.policy.name.startswith("unbiased") and _coarse_grid(t.tensor_type, qtype):
-                # where dithering on the base's own grid costs more than the budget, a finer grid keeps the
-                # change at no added noise: Q8_0's steps are 8-16 times smaller than 4- and 5-bit types'
+                # where dithering on the base's own grid costs more than the budget, the tensor moves to a finer
+                # grid made from its own values and is dithered there: Q8_0's steps are 8-16 times smaller than
+                # 4- and 5-bit types', so the same unbiased rounding adds 1/60-1/250 of the noise
                 budget = UNBIASED_BUDGET if self.policy.noise_budget is None else self.policy.noise_budget
                 if dither_noise(t.raw(), t.tensor_type, _shift_source(job)) > budget:
-                    job = replace(
-                        job, qtype=target_type(t.tensor_type, t.shape, Policy("hifi", None), False, self.notes)
-                    )
+                    finer = target_type(t.tensor_type, t.shape, Policy("hifi", None), False, self.notes)
+                    job = replace(job, qtype=finer, regrid=finer in GRID_TYPES)
             self.jobs[t.name] = job
         self.inputs = [
             *self.model.paths,
@@ -643,8 +649,8 @@ def merge(
     if coarse and policy.rounding in ("ggml", "nearest") and policy.name != "hifi":
         msg = (
             f"touched tensors were requantized to {', '.join(coarse)}: round-to-nearest erases small deltas there "
-            "(see README, 'Requantization and the knob'); --requant calibrated keeps the knob at the same size, "
-            "--requant hifi (or --requant q8_0) keeps all of it"
+            "(see README, 'Requantization and the knob'); --requant unbiased (the default) keeps the knob at about "
+            "the same size, --requant hifi (or --requant q8_0) keeps all of it"
         )
         log.warning(msg)
         report.warnings.append(msg)

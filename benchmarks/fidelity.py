@@ -251,14 +251,15 @@ def report_real(
 
     def fig(lam: float, policy: str, key: str, variant: str = q4) -> float | None:
         m = rows.get((name, variant, lam, policy))
-        return None if m is None or key not in m else round(float(m[key]), 4)
+        return None if m is None or key not in m else float(f"{float(m[key]):.4g}")
 
     def worst(policy: str, key: str) -> float | None:
         values = [fig(lam, policy, key) for lam in args.lambdas]
         return None if None in values else max(v for v in values if v is not None)
 
     def monotone(policy: str, variant: str) -> bool | None:
-        margins = [base_scores[variant]["margin"], *(fig(lam, policy, "margin", variant) for lam in args.lambdas)]
+        ordered = sorted(args.lambdas)
+        margins = [base_scores[variant]["margin"], *(fig(lam, policy, "margin", variant) for lam in ordered)]
         return None if None in margins else _monotone([m for m in margins if m is not None])
 
     def acc_gap(policy: str) -> float | None:
@@ -296,7 +297,7 @@ def report_real(
         "lr": args.lr,
         "batch": args.batch,
         "seed": args.seed,
-        "figures": {"/".join(map(str, k)): {f: round(float(x), 4) for f, x in v.items()} for k, v in rows.items()},
+        "figures": {"/".join(map(str, k)): {f: float(f"{x:.4g}") for f, x in v.items()} for k, v in rows.items()},
         "base_style": base_scores,
     }
     print(json.dumps(result))

@@ -10,9 +10,13 @@ import json
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QT
 
+from alignvec_gguf import ggml
 from alignvec_gguf.cli import main
 from alignvec_gguf.fidelity import fidelity, kl_divergence, shift_stats
+from alignvec_gguf.merge import DEFAULT_POLICY, MergePlan
+from alignvec_gguf.requant import dither_noise, grid_values
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250, 1, 300, 12, 8, 77, 123, 45, 6, 90, 210, 11, 2]
 
@@ -22,7 +26,7 @@ def report(llama_pair, quantized_bases):
     return fidelity(
         quantized_bases["Q4_K_M"],
         {llama_pair.av: 0.5},
-        policies=["same", "grid", "calibrated", "calibrated:inf", "hifi", "q8_0"],
+        policies=["same", "grid", "calibrated", "calibrated:inf", "unbiased", "hifi", "q8_0"],
         full_base=llama_pair.base_gguf,
         tokens=TOKENS,
     )
@@ -63,6 +67,46 @@ def test_fidelity_figures_on_q4_k_m(report, capsys):
     assert row["hifi"].shift_kept > 0.85 and row["hifi"].shift_cos > 0.8
     assert row["hifi"].kl < 1.2 * anchor.kl
     assert all(m.kl > 0 and np.isfinite(m.kl) for m in [*report.rows, anchor])
+    # the default: unbiased rounding, here on Q8_0 grids made from the base's values (this Δ is a tenth of a
+    # 4-bit step, far above the budget): the whole knob, like hifi, at no larger a file
+    default = row[DEFAULT_POLICY]
+    assert DEFAULT_POLICY == "unbiased"
+    assert 0.85 < default.shift_kept < 1.15 and default.shift_cos > 0.8
+    assert default.size_ratio <= row["hifi"].size_ratio + 1e-9
+    assert default.kl < 1.2 * anchor.kl
+
+
+def test_dither_noise_is_the_added_error_of_unbiased_rounding():
+    """12·E[f(1 − f)] in units of the base's own rounding noise: 0 for whole steps, 3 for half steps."""
+    rng = np.random.default_rng(3)
+    raw = ggml.quantize(rng.standard_normal((8, 256)).astype(np.float32), QT.Q4_0)
+    codec_step = _q4_0_steps(raw)
+    # the steps are what the codec says: value = d·q + offset on ggml's own dequantized grid
+    values = grid_values(raw, QT.Q4_0)
+    np.testing.assert_allclose(values, ggml.dequantize(raw, QT.Q4_0, values.size), rtol=1e-6, atol=1e-6)
+    assert dither_noise(raw, QT.Q4_0, 3.0 * codec_step) == pytest.approx(0.0, abs=1e-4)
+    assert dither_noise(raw, QT.Q4_0, 0.5 * codec_step) == pytest.approx(3.0, rel=1e-6)
+    small = dither_noise(raw, QT.Q4_0, 0.01 * codec_step)
+    assert small == pytest.approx(12 * 0.01 * 0.99, rel=1e-4)
+
+
+def _q4_0_steps(raw: np.ndarray) -> np.ndarray:
+    """Each element's Q4_0 step (its block's scale d), as float32."""
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+    return np.repeat(d, 32, axis=1).reshape(-1)
+
+
+def test_unbiased_moves_only_costly_tensors_to_a_finer_grid(llama_pair, quantized_bases):
+    """unbiased:B keeps a coarse tensor on its grid while dithering adds at most B of its noise, else Q8_0."""
+    base = quantized_bases["Q4_K_M"]
+    tight = MergePlan(base, {llama_pair.av: 0.5}, requant="unbiased:0")
+    loose = MergePlan(base, {llama_pair.av: 0.5}, requant="unbiased:inf")
+    for name, job in tight.jobs.items():
+        base_type = job.tensor.tensor_type
+        coarse = base_type in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q5_0, QT.Q4_0) and len(job.tensor.shape) > 1
+        assert tight.qtype(name) == (QT.Q8_0 if coarse else base_type), name
+        assert loose.qtype(name) == base_type, name
 
 
 def test_fidelity_cli(llama_pair, quantized_bases, capsys):

@@ -199,7 +199,7 @@ def smollm2_claims(args: argparse.Namespace) -> None:
     if not stats_file.is_file():
         sys.exit(f"paper_claims.py: {stats_file} not found; run examples/preference_spectrum/build.py --model smollm2")
     stats = json.loads(stats_file.read_text(encoding="utf-8"))
-    base = build / "base.Q4_1.gguf"
+    base = build / "base.Q4_1.gguf"  # the published file (the build links it)
     vectors = {d: build / f"{d}.avec.gguf" for d in spectrum.DOMAINS}
     records = json.loads((build / "heldout.json").read_text(encoding="utf-8"))
     items = load_eval_set(build / "heldout.json")
@@ -283,6 +283,7 @@ def smollm2_claims(args: argparse.Namespace) -> None:
         "joint_retrain_seconds": round(joint, 1),
         "av_training_seconds": round(av_train, 1),
         "joint_mix_accuracy": stats.get("joint_accuracy"),
+        "joint_retrain_note": stats.get("joint_estimated", "measured"),
         "prompt_engineering": a,
         "alignment_vector": b,
         "dera": dera,

@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fidelity", help="how much of the knob each requant policy keeps (logits against float)")
     p.add_argument("base", help="base model GGUF (quantized)")
     _add_vector_args(p, required=True)
-    p.add_argument("--policies", default="same,calibrated,hifi", help="comma-separated policies to compare")
+    p.add_argument("--policies", default="same,calibrated,unbiased,hifi", help="comma-separated policies to compare")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_fidelity)

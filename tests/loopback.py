@@ -15,6 +15,19 @@ from pathlib import Path
 from typing import Any
 
 
+def tiny_live(llama_pair: Any, lowrank_pair: Any, n_ctx: int = 128) -> Any:
+    """The servers' LiveModel on the tiny session models: "medical" and "legal" low-rank vectors, λ in [-1.5, 2]."""
+    from alignvec_gguf.live import LiveModel
+
+    return LiveModel(
+        llama_pair.base_gguf,
+        {"medical": lowrank_pair.lowrank_av, "legal": lowrank_pair.second_av},
+        lambda_range=(-1.5, 2.0),
+        n_ctx=n_ctx,
+        n_threads_batch=1,
+    )
+
+
 def free_port() -> int:
     """A port that was free on 127.0.0.1 a moment ago (for a process that binds by itself)."""
     with socket.socket() as s:

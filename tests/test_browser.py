@@ -24,7 +24,7 @@ uvicorn = pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver")
 
 import anyio  # noqa: E402
-from loopback import http, serve_app  # noqa: E402
+from loopback import http, serve_app, tiny_live  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -77,13 +77,7 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def live(llama_pair, lowrank_pair):
-    model = LiveModel(
-        llama_pair.base_gguf,
-        {"medical": lowrank_pair.lowrank_av, "legal": lowrank_pair.second_av},
-        lambda_range=(-1.5, 2.0),
-        n_ctx=128,
-        n_threads_batch=1,
-    )
+    model = tiny_live(llama_pair, lowrank_pair)
     yield model
     model.close()
 

@@ -12,10 +12,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from loopback import free_port, process, serve_app  # noqa: E402
+from loopback import free_port, process, serve_app, tiny_live  # noqa: E402
 
 import alignvec_gguf as av  # noqa: E402
-from alignvec_gguf.live import LiveModel  # noqa: E402
 from alignvec_gguf.server import create_app  # noqa: E402
 
 PROMPT = "the patient reports"
@@ -24,13 +23,7 @@ CHAT = [{"role": "user", "content": "my knee hurts after running"}]
 
 @pytest.fixture(scope="module")
 def live(llama_pair, lowrank_pair):
-    model = LiveModel(
-        llama_pair.base_gguf,
-        {"medical": lowrank_pair.lowrank_av, "legal": lowrank_pair.second_av},
-        lambda_range=(-1.5, 2.0),
-        n_ctx=256,
-        n_threads_batch=1,
-    )
+    model = tiny_live(llama_pair, lowrank_pair, n_ctx=256)
     yield model
     model.close()
 

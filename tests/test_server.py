@@ -17,10 +17,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from loopback import serve_app  # noqa: E402
+from loopback import serve_app, tiny_live  # noqa: E402
 
 from alignvec_gguf.cli import main  # noqa: E402
-from alignvec_gguf.live import LiveModel  # noqa: E402
 from alignvec_gguf.server import create_app  # noqa: E402
 
 PROMPT = "the patient reports"
@@ -45,13 +44,7 @@ def sse_events(text: str) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def live(llama_pair, lowrank_pair):
-    model = LiveModel(
-        llama_pair.base_gguf,
-        {"medical": lowrank_pair.lowrank_av, "legal": lowrank_pair.second_av},
-        lambda_range=(-1.5, 2.0),
-        n_ctx=128,
-        n_threads_batch=1,
-    )
+    model = tiny_live(llama_pair, lowrank_pair)
     yield model
     model.close()
 

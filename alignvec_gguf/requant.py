@@ -15,7 +15,12 @@ only the integer part has to be chosen. Three roundings are offered:
   threshold set per tensor (:func:`calibrate_threshold`): as much of the knob as a noise budget allows,
   with the least added error for what it keeps.
 
-Codecs exist for the types in :data:`GRID_TYPES` (the legacy and K-quant families); the bit layouts
+Codecs exist for the types in :data:`GRID_TYPES`: the legacy and K-quant families (uniform grids), and
+the 4-bit types whose grid is a table of 16 unequally spaced values times a block scale (IQ4_NL, IQ4_XS:
+``kvalues_iq4nl``; MXFP4, NVFP4: the E2M1 values). On a table the codes are ranks into the sorted
+table, and the shift is measured in *table steps*: a value between two entries sits at the fraction of
+the gap between them, so "a step" is the gap to the neighbouring entry, and every rounding above works
+unchanged (dithering goes up with the probability of that fraction: still unbiased). The bit layouts
 follow ggml-common.h and are checked against ggml's own dequantizer in the tests.
 """
 
@@ -103,6 +108,12 @@ class Codec:
     unpack: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
     # (blocks, q) -> new blocks with the same scales and the codes q
     pack: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    # a non-uniform grid: the sorted distinct values ``value = step · levels[q] + offset`` (q is a rank)
+    levels: np.ndarray | None = None
+
+    def values(self, q: np.ndarray) -> np.ndarray:
+        """The grid value of codes ``q`` in units of their group's step (``q`` itself on a uniform grid)."""
+        return q if self.levels is None else self.levels[q]
 
 
 def _zeros(n: int) -> np.ndarray:
@@ -231,6 +242,112 @@ def _pack_q3_k(b: np.ndarray, q: np.ndarray) -> np.ndarray:
     return out
 
 
+# --- non-uniform 4-bit tables (a block scale times one of 16 values) ------------------------------
+
+# ggml-common.h: kvalues_iq4nl, and kvalues_fp4 (E2M1 values doubled; code 8 is -0, the same value as 0)
+_IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+_FP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float32)
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A 16-entry value table: codes (nibbles) <-> ranks into its sorted distinct values."""
+
+    levels: np.ndarray  # sorted distinct values, float32
+    rank_of: np.ndarray  # code -> rank
+    code_of: np.ndarray  # rank -> the code written for it
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> _Table:
+        levels = np.unique(values)
+        rank_of = np.searchsorted(levels, values).astype(np.int16)
+        code_of = np.array([int(np.flatnonzero(rank_of == r)[0]) for r in range(levels.size)], np.uint8)
+        return cls(levels.astype(np.float32), rank_of, code_of)
+
+    def ranks(self, codes: np.ndarray) -> np.ndarray:
+        return self.rank_of[codes]
+
+    def codes(self, ranks: np.ndarray, old: np.ndarray) -> np.ndarray:
+        """Codes for ``ranks``; an element whose rank did not change keeps its old code (-0 stays -0)."""
+        new = self.code_of[ranks]
+        return np.where(self.rank_of[old] == ranks, old, new)
+
+
+_IQ4NL = _Table.of(_IQ4NL_VALUES)
+_FP4 = _Table.of(_FP4_VALUES)
+
+
+def _e8m0_half(e: np.ndarray) -> np.ndarray:
+    """ggml_e8m0_to_fp32_half: 2^(e - 128) as float32, with its two subnormal codes."""
+    e = e.astype(np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << 23).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def _ue4m3_table() -> np.ndarray:
+    """ggml_ue4m3_to_fp32 for every byte: unsigned E4M3 (bias 7), halved like kvalues_fp4; 0 and 0x7F are 0."""
+    out = np.zeros(256, np.float32)
+    for x in range(256):
+        if x in (0, 0x7F):
+            continue
+        exp, man = (x >> 3) & 0xF, x & 0x7
+        raw = man * 2.0**-9 if exp == 0 else (1.0 + man / 8.0) * 2.0 ** (exp - 7)
+        out[x] = raw * 0.5
+    return out
+
+
+_UE4M3 = _ue4m3_table()
+
+
+def _unpack_iq4_nl(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _IQ4NL.ranks(_nibbles(b[:, 2:], 16)), _f16(b, 0), _zeros(b.shape[0])
+
+
+def _pack_iq4_nl(b: np.ndarray, q: np.ndarray) -> np.ndarray:
+    out = b.copy()
+    out[:, 2:] = _pack_nibbles(_IQ4NL.codes(q, _nibbles(b[:, 2:], 16)), 16)
+    return out
+
+
+def _unpack_iq4_xs(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = b.shape[0]
+    scales_h = b[:, 2:4].copy().view(np.uint16).astype(np.int32)  # (n, 1)
+    low = (b[:, 4:8].reshape(n, 4, 1) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2)).reshape(n, 8) & 0x0F
+    high = (scales_h >> (2 * np.arange(8, dtype=np.int32))) & 3
+    ls = (low.astype(np.int32) | (high << 4)) - 32
+    return _IQ4NL.ranks(_nibbles(b[:, 8:], 16)), _f16(b, 0) * ls.astype(np.float32), _zeros(n)
+
+
+def _pack_iq4_xs(b: np.ndarray, q: np.ndarray) -> np.ndarray:
+    out = b.copy()
+    out[:, 8:] = _pack_nibbles(_IQ4NL.codes(q, _nibbles(b[:, 8:], 16)), 16)
+    return out
+
+
+def _unpack_mxfp4(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _FP4.ranks(_nibbles(b[:, 1:], 16)), _e8m0_half(b[:, :1]), _zeros(b.shape[0])
+
+
+def _pack_mxfp4(b: np.ndarray, q: np.ndarray) -> np.ndarray:
+    out = b.copy()
+    out[:, 1:] = _pack_nibbles(_FP4.codes(q, _nibbles(b[:, 1:], 16)), 16)
+    return out
+
+
+def _unpack_nvfp4(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _FP4.ranks(_nibbles(b[:, 4:], 8)), _UE4M3[b[:, :4]], _zeros(b.shape[0])
+
+
+def _pack_nvfp4(b: np.ndarray, q: np.ndarray) -> np.ndarray:
+    out = b.copy()
+    out[:, 4:] = _pack_nibbles(_FP4.codes(q, _nibbles(b[:, 4:], 8)), 8)
+    return out
+
+
+def _table_codec(qtype: QT, block: int, size: int, table: _Table, unpack: Callable, pack: Callable) -> Codec:
+    return Codec(qtype, block, size, 0, table.levels.size - 1, unpack, pack, table.levels)
+
+
 CODECS: dict[QT, Codec] = {
     c.qtype: c
     for c in (
@@ -244,9 +361,15 @@ CODECS: dict[QT, Codec] = {
         Codec(QT.Q4_K, 256, 144, 0, 15, _unpack_q4_k, _pack_q4_k),
         Codec(QT.Q5_K, 256, 176, 0, 31, _unpack_q5_k, _pack_q5_k),
         Codec(QT.Q6_K, 256, 210, -32, 31, _unpack_q6_k, _pack_q6_k),
+        _table_codec(QT.IQ4_NL, 32, 18, _IQ4NL, _unpack_iq4_nl, _pack_iq4_nl),
+        _table_codec(QT.IQ4_XS, 256, 136, _IQ4NL, _unpack_iq4_xs, _pack_iq4_xs),
+        _table_codec(QT.MXFP4, 32, 17, _FP4, _unpack_mxfp4, _pack_mxfp4),
+        _table_codec(QT.NVFP4, 64, 36, _FP4, _unpack_nvfp4, _pack_nvfp4),
     )
 }
 GRID_TYPES: frozenset[QT] = frozenset(CODECS)
+# the grids whose values are a table of unequal steps (the rest are uniform)
+TABLE_TYPES: frozenset[QT] = frozenset(t for t, c in CODECS.items() if c.levels is not None)
 
 
 def grid_values(raw: np.ndarray, qtype: QT) -> np.ndarray:
@@ -255,7 +378,7 @@ def grid_values(raw: np.ndarray, qtype: QT) -> np.ndarray:
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, codec.type_size)
     q, step, offset = codec.unpack(blocks)
     n, g = q.shape[0], step.shape[1]
-    return (q.reshape(n, g, -1) * step[:, :, None] + offset[:, :, None]).reshape(-1)
+    return (codec.values(q).reshape(n, g, -1) * step[:, :, None] + offset[:, :, None]).reshape(-1)
 
 
 def _codec(qtype: QT) -> Codec:
@@ -349,7 +472,27 @@ def _in_steps(
     x = scratch("x", shift.size, np.float32) if reuse else np.empty(shift.size, np.float32)
     with np.errstate(over="ignore"):  # a shift of more than float32's steps is clipped to _FAR anyway
         np.multiply(shift.reshape(n, g, -1), inv[:, :, None], out=x.reshape(n, g, -1))
-    return q, x.reshape(n, -1), step
+    x = x.reshape(n, -1)
+    if codec.levels is None:
+        return q, x, step
+    return q, *_table_steps(codec.levels, q, x, per_element(step, codec.block_size))
+
+
+def _table_steps(levels: np.ndarray, q: np.ndarray, x: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A shift ``x`` in units of the block scale -> (the shift in table steps, each element's step as a value).
+
+    The target ``levels[q] + x`` lies between two entries ``i`` and ``i + 1`` (beyond the ends: the
+    end gap continued) at the fraction ``f`` of their gap; in table steps it is ``i + f − q``, so
+    ``q + floor(x + u)`` is entry ``i + 1`` with probability ``f`` (unbiased), ``q + rint(x)`` the
+    nearest entry. The step of an element is its gap times the block scale (for noise weights).
+    """
+    gaps = np.diff(levels)
+    with np.errstate(invalid="ignore", over="ignore"):  # infinite targets stay infinite (clipped later)
+        v = levels[q] + x
+        i = np.clip(np.searchsorted(levels, v, side="right") - 1, 0, levels.size - 2)
+        gap = gaps[i]
+        x[...] = (v - levels[i]) / gap + (i - q).astype(np.float32)
+    return x, step * gap
 
 
 # The change to add, as an array (one float32 per element) or as a function of an element range that
@@ -398,8 +541,10 @@ def nearest_keeps(raw: np.ndarray, qtype: QT, shift: Shift) -> tuple[float, floa
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, codec.type_size)
     b, sh = _sample(codec, blocks, shift)
     want = sh.astype(np.float64)
-    q, x, step = _in_steps(codec, b, sh)
-    got = (np.clip(q + np.rint(x), codec.qmin, codec.qmax) - q) * per_element(step, codec.block_size)
+    q, x, _ = _in_steps(codec, b, sh)
+    new = np.clip(q + np.rint(x), codec.qmin, codec.qmax).astype(np.int64)
+    step = per_element(codec.unpack(b)[1], codec.block_size)
+    got = (codec.values(new) - codec.values(q)) * step
     ref = float((want * want).sum())
     if ref == 0.0:
         return 1.0, 1.0

@@ -98,12 +98,54 @@ def test_grid_codecs_agree_with_ggml(qtype):
     np.testing.assert_array_equal(requant.grid_values(raw, qtype), ggml.dequantize(raw, qtype, rows.size))
     same, refresh = requant.requantize_on_grid(raw, qtype, np.zeros(rows.size, np.float32))
     assert np.array_equal(same, raw) and not refresh.any()
-    # a shift of exactly k steps moves every code by k (where the range allows): the grid is the base's
+    # a shift of exactly one step (on a table: the gap to the next entry) moves every code by one where the
+    # range allows: the grid is the base's
     _, step, _ = codec.unpack(blocks)
-    moved, _ = requant.requantize_on_grid(raw, qtype, requant.per_element(step, codec.block_size).reshape(-1))
+    up = np.minimum(q + 1, codec.qmax)
+    one = (codec.values(up) - codec.values(q)) * requant.per_element(step, codec.block_size)
+    moved, _ = requant.requantize_on_grid(raw, qtype, one.reshape(-1).astype(np.float32))
     q2, _, _ = codec.unpack(moved.reshape(-1, codec.type_size))
-    inside = q < codec.qmax
+    inside = (q < codec.qmax) & (requant.per_element(step, codec.block_size) != 0)
+    assert inside.mean() > 0.8
     assert np.array_equal(q2[inside], q[inside] + 1)
+
+
+@pytest.mark.parametrize("qtype", sorted(requant.TABLE_TYPES, key=lambda t: t.name), ids=lambda t: t.name)
+def test_table_grids_round_to_neighbouring_entries(qtype):
+    """On a non-uniform table a step is the gap to the next entry: nearest picks the nearer neighbour, dither
+    goes up with the probability of the fraction of the gap (unbiased), and a re-encode keeps the bytes."""
+    rng = np.random.default_rng(11)
+    rows = rng.standard_normal((64, 512)).astype(np.float32)
+    raw = ggml.quantize(rows, qtype)
+    codec = requant.CODECS[qtype]
+    blocks = raw.reshape(-1, codec.type_size)
+    q, step, _ = codec.unpack(blocks)
+    step = requant.per_element(step, codec.block_size)
+    base = ggml.dequantize(raw, qtype, rows.size).reshape(q.shape)
+    # every element that can go up is asked to go a fraction f of its gap up
+    ok = (q < codec.qmax) & (step > 0)
+    f = rng.uniform(0.05, 0.95, q.shape).astype(np.float32)
+    gap = (codec.values(np.minimum(q + 1, codec.qmax)) - codec.values(q)) * step
+    shift = np.where(ok, f * gap, 0).astype(np.float32)
+
+    def new_codes(rounding: str, seed: int = 0) -> np.ndarray:
+        out, refresh = requant.requantize_on_grid(raw, qtype, shift.reshape(-1), rounding, seed=seed)
+        assert not refresh.any()
+        got = codec.unpack(out.reshape(-1, codec.type_size))[0]
+        assert set(np.unique(got[ok] - q[ok])) <= {0, 1}  # only ever the neighbouring entry
+        return got
+
+    assert np.array_equal(new_codes("nearest")[ok], q[ok] + (f[ok] > 0.5))
+    ups = np.mean([new_codes("dither", seed)[ok] - q[ok] for seed in range(8)], axis=0)
+    # P(up) = f: the mean over 8 seeds and many elements, binned by f, tracks f
+    bins = np.digitize(f[ok], np.linspace(0.05, 0.95, 10))
+    for b in np.unique(bins):
+        sel = bins == b
+        assert abs(ups[sel].mean() - f[ok][sel].mean()) < 0.03
+    merged = ggml.dequantize(requant.requantize_on_grid(raw, qtype, shift.reshape(-1), "dither", seed=1)[0], qtype,
+                             rows.size).reshape(q.shape)  # fmt: skip
+    kept = float(((merged - base) * shift).sum() / (shift * shift).sum())
+    assert 0.95 < kept < 1.05
 
 
 def test_roundings_on_a_coarse_grid():

@@ -27,7 +27,7 @@ from . import cpu, ggml
 from .cpu import new_llama
 from .errors import AlignVecError, CompatibilityError
 from .imatrix import Imatrix
-from .merge import DEFAULT_POLICY, MergePlan, Vectors, run_job
+from .merge import DEFAULT_POLICY, MergePlan, MergeReport, Vectors, diagnose, float_fingerprint, run_job
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -46,6 +46,9 @@ class _Uploader:
         self.error: BaseException | None = None
         self.uploaded = 0
         self.filled: list[str] = []
+        # what a file merge reports (merge.diagnose): touched tensors, their kept share, the base's fingerprint
+        self.report = MergeReport(path=plan.base, policy=plan.policy.name)
+        self.fingerprint = float_fingerprint(plan)
 
     def __call__(self, tensor: int, _userdata: int) -> None:
         if self.error is not None:
@@ -64,7 +67,14 @@ class _Uploader:
                 lib.ggml_backend_tensor_set(tensor, values.ctypes.data, 0, nbytes)
                 return
             job = self.plan.jobs.get(name)
-            data = run_job(job)[0] if job is not None else np.ascontiguousarray(t.raw())
+            if self.fingerprint is not None:
+                self.fingerprint.add(name, ggml.dequantize(t.raw(), t.tensor_type, t.n_elements))
+            if job is None:
+                data = np.ascontiguousarray(t.raw())
+            else:
+                data, refreshed, self.report.kept[name] = run_job(job)
+                self.report.touched[name] = (t.tensor_type, job.qtype)
+                self.report.refreshed_blocks += refreshed
             if data.nbytes != nbytes:
                 raise CompatibilityError(f"{name}: llama.cpp expects {nbytes} bytes, the merge made {data.nbytes}")
             lib.ggml_backend_tensor_set(tensor, data.ctypes.data, 0, nbytes)
@@ -82,7 +92,11 @@ def load_direct(
     full_base: str | os.PathLike[str] | None = None,
     **llama_kwargs: Any,
 ) -> Llama:
-    """A ``llama_cpp.Llama`` of base + Σ λ_i Δ_i built in memory, with no merged file on disk."""
+    """A ``llama_cpp.Llama`` of base + Σ λ_i Δ_i built in memory, with no merged file on disk.
+
+    It logs the diagnostics a file merge logs (:func:`merge.diagnose`: type fallbacks, the kept-share
+    warning, the fingerprint check).
+    """
     import llama_cpp.llama_cpp as C
 
     plan = MergePlan(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base)
@@ -118,6 +132,7 @@ def load_direct(
             raise uploader.error
         if uploader.filled:
             log.info("llama.cpp created %d optional tensors the base lacks; set to neutral", len(uploader.filled))
+        diagnose(plan, uploader.report, uploader.fingerprint)
         return llm
     finally:
         lib.gguf_free(ctypes.c_void_p(gctx))

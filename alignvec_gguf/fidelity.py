@@ -34,7 +34,7 @@ import numpy as np
 
 from .cpu import new_llama
 from .errors import InputError
-from .merge import VectorRef, Vectors, merge, open_vectors, parse_requant
+from .merge import MergeReport, VectorRef, Vectors, merge, open_vectors, parse_requant
 from .split import GGUFModel
 
 # A fixed text over several domains: tokenized by the model itself, so every model sees its own tokens.
@@ -59,6 +59,9 @@ class Measure:
     size_ratio: float
     seconds: float = 0.0  # merge wall time
     extra: dict[str, Any] = field(default_factory=dict)  # what fidelity()'s ``extra`` measured on the file
+    weight_kept: float = 1.0  # the merge's own measure: share of the requested change kept in weight space
+    weight_kept_min: float = 1.0  # ... by the tensor that kept least
+    warnings: list[str] = field(default_factory=list)  # what the merge warned about (MergeReport.warnings)
 
 
 @dataclass
@@ -222,10 +225,13 @@ def fidelity(
             ref_extra=ref_extra,
         )
 
-        def measure(label: str, path: Path, seconds: float) -> Measure:
+        def measure(label: str, merged: MergeReport, seconds: float) -> Measure:
+            path = merged.path
             logits = model_logits(path, toks, threads, window)
             kept, cos = shift_stats(logits - base_logits, ref_shift)
             m = Measure(label, kept, cos, kl_divergence(logits, ref_logits), path.stat().st_size / base_size, seconds)
+            m.weight_kept, m.weight_kept_min = merged.kept_share, merged.min_kept_share
+            m.warnings = list(merged.warnings)
             if extra is not None:
                 m.extra = extra(path)
             path.unlink()
@@ -233,10 +239,10 @@ def fidelity(
 
         for policy in policies:
             t0 = time.perf_counter()
-            out = merge(base, mix, root / f"{policy}.gguf", requant=policy, imatrix=imatrix, threads=threads).path
+            out = merge(base, mix, root / f"{policy}.gguf", requant=policy, imatrix=imatrix, threads=threads)
             report.rows.append(measure(policy, out, time.perf_counter() - t0))
         if full_base is not None:
             t0 = time.perf_counter()
-            out = merge(base, mix, root / "anchor.gguf", requant="same", imatrix=imatrix, full_base=full_base).path
+            out = merge(base, mix, root / "anchor.gguf", requant="same", imatrix=imatrix, full_base=full_base)
             report.anchor = measure("anchor", out, time.perf_counter() - t0)
     return report

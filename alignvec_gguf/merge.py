@@ -61,7 +61,8 @@ Vectors = Mapping[VectorRef, float]
 # The policies besides plain ggml type names, with what they do (shown by --help and in errors).
 POLICIES: dict[str, str] = {
     "unbiased": "about the same size: unbiased random rounding on the base's scales where it adds at most a noise "
-    "budget, else on a Q8_0 grid made from the tensor's own values (unbiased:B sets the budget, default 0.05)",
+    "budget, else (and always on types with no grid rounding: IQ1-IQ3, TQ, Q1_0) on a Q8_0 grid made from the "
+    "tensor's own values (unbiased:B sets the budget, default 0.05)",
     "calibrated": "same size: the base's scales, rounding threshold per tensor keeps the knob within a noise budget "
     "(calibrated:B sets the budget, default 0.1); measured to overshoot λ on real fine-tuning vectors",
     "same": "every tensor keeps the base's type; ggml requantizes (round to nearest): small deltas are erased",
@@ -87,16 +88,20 @@ IMATRIX_FALLBACK: dict[QT, QT] = {
 UNQUANTIZABLE_FALLBACK = QT.Q8_0
 _FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 _HIFI_KEEP = frozenset({QT.Q8_0, QT.F16, QT.BF16, QT.F32})
-# At 4 bits and below, requantizing dequant(W) + λΔ to the nearest grid point loses much of a small Δ.
-COARSE_TYPES = frozenset(
-    {QT.Q4_0, QT.Q4_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.IQ4_NL, QT.IQ4_XS, QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_S}
-    | {QT.IQ1_M, QT.TQ1_0, QT.TQ2_0, QT.MXFP4, QT.NVFP4, QT.Q1_0}
+# Coarse types with no grid rounding here (requant.GRID_TYPES): codebook lattices (IQ1-IQ3), ternary and 1-bit
+# types. ggml's round-to-nearest keeps 0.3-19% of a change of 2-10% of mean |w| on them (README, 'Quant types
+# and the knob'); unbiased writes their touched tensors at Q8_0 instead, dithered on a grid made from their values.
+NO_GRID_TYPES = frozenset(
+    {QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ1_S, QT.IQ1_M, QT.TQ1_0, QT.TQ2_0, QT.Q1_0}
 )
 # hifi keeps a tensor's base type where round-to-nearest on its grid keeps this much of Δ (weight space)
 HIFI_MIN_KEPT = 0.95
 HIFI_MIN_COS = 0.95
 # unbiased: a coarse tensor stays on its grid while dithering adds at most this share of its own rounding noise
 UNBIASED_BUDGET = 0.05
+# a merge warns when a touched tensor keeps less than this share of its requested change (weight space)
+KEPT_SHARE_WARN = 0.5
+_KEPT_SAMPLE = 1 << 16  # elements (whole rows) per tensor on which the kept share is measured
 LAMBDA_MAX = 1e30  # float32 arithmetic: λ·Δ must stay far from its 3.4e38 limit
 BIG_TENSOR_SHARE = 1 / 32  # a tensor with this share of all touched elements is computed on every core
 _RELEASE_EVERY = 64 << 20  # bytes streamed between two drops of the inputs' resident pages
@@ -106,6 +111,8 @@ K_MERGED_SHA256 = "alignvec.merged.vector_sha256"
 K_MERGED_LAMBDAS = "alignvec.merged.lambdas"
 K_MERGED_REQUANT = "alignvec.merged.requant"
 K_MERGED_BASE = "alignvec.merged.base"
+# [whole file, worst tensor]: <realized change, requested change> / |requested change|², weight space (float64)
+K_MERGED_KEPT = "alignvec.merged.kept_share"
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,23 @@ def target_type(
     return QT.F32
 
 
+@dataclass(frozen=True)
+class Kept:
+    """How much of its requested change a touched tensor kept, in weight space, measured on sampled rows.
+
+    ``dot`` is ``<realized change, requested change>`` and ``ref`` ``|requested change|²`` (float64 sums over
+    the same elements), so shares of several tensors combine as ``Σ dot / Σ ref``.
+    """
+
+    dot: float
+    ref: float
+
+    @property
+    def share(self) -> float:
+        """``dot / ref``: 1 keeps the whole change, 0 erases it; 1 for a tensor asked to stay as it is."""
+        return self.dot / self.ref if self.ref > 0 else 1.0
+
+
 @dataclass
 class MergeReport:
     """What a merge did."""
@@ -192,6 +216,18 @@ class MergeReport:
     warnings: list[str] = field(default_factory=list)
     policy: str = DEFAULT_POLICY
     refreshed_blocks: int = 0  # grid policies: blocks quantized afresh because their grid could not hold them
+    kept: dict[str, Kept] = field(default_factory=dict)  # touched tensor -> the share of its change it kept
+
+    @property
+    def kept_share(self) -> float:
+        """The share of the requested change the whole merge kept (weight space, all touched tensors)."""
+        ref = sum(k.ref for k in self.kept.values())
+        return sum(k.dot for k in self.kept.values()) / ref if ref > 0 else 1.0
+
+    @property
+    def min_kept_share(self) -> float:
+        """The share kept by the touched tensor that kept least (1.0 when nothing was asked to change)."""
+        return min((k.share for k in self.kept.values() if k.ref > 0), default=1.0)
 
 
 def open_vectors(vectors: Vectors) -> list[tuple[AlignmentVector, float]]:
@@ -374,15 +410,56 @@ def _fresh_blocks(job: _Job) -> Callable[[np.ndarray, np.ndarray, np.ndarray], n
     return fresh
 
 
-def run_job(job: _Job) -> tuple[np.ndarray, int]:
-    """The merged tensor's bytes, and how many blocks a grid policy had to quantize afresh."""
+def _sample_rows(n_rows: int, n_per_row: int) -> list[tuple[int, int]]:
+    """Row ranges of about :data:`_KEPT_SAMPLE` elements, 16 evenly spaced runs (every row of a small tensor)."""
+    want = max(1, _KEPT_SAMPLE // n_per_row)
+    if n_rows <= want:
+        return [(0, n_rows)]
+    runs = min(16, want)
+    length = want // runs
+    starts = np.unique(np.linspace(0, n_rows - length, runs).astype(np.int64))
+    return [(int(s), int(s) + length) for s in starts]
+
+
+def kept_share(tensor: ModelTensor, data: np.ndarray, qtype: QT, requested: Callable[[int, int], np.ndarray]) -> Kept:
+    """How much of the requested change the merged bytes ``data`` (of ``qtype``) keep over the base's tensor.
+
+    ``requested(start, stop)`` gives the change asked for on an element range (Σ λ·Δ, plus full −
+    dequant(base) with a full-precision base); the realized change is dequant(merged) − dequant(base).
+    Measured on whole rows (:func:`_sample_rows`), so any pair of block types lines up.
+    """
+    n_per_row = tensor.shape[-1]
+    base_row, out_row = ggml.row_size(tensor.tensor_type, n_per_row), ggml.row_size(qtype, n_per_row)
+    raw, merged = tensor.raw().reshape(-1), np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    dot = ref = 0.0
+    for r0, r1 in _sample_rows(tensor.n_elements // n_per_row, n_per_row):
+        n = (r1 - r0) * n_per_row
+        want = requested(r0 * n_per_row, r1 * n_per_row).astype(np.float64)
+        got = ggml.dequantize(merged[r0 * out_row : r1 * out_row], qtype, n).astype(np.float64)
+        got -= ggml.dequantize(raw[r0 * base_row : r1 * base_row], tensor.tensor_type, n)
+        dot += float(got @ want)
+        ref += float(want @ want)
+    return Kept(dot, ref)
+
+
+def run_job(job: _Job) -> tuple[np.ndarray, int, Kept]:
+    """The merged tensor's bytes, how many blocks a grid policy had to quantize afresh, and the share kept."""
     t = job.tensor
     on_grid = job.rounding != "ggml" and job.qtype in GRID_TYPES and (job.qtype == t.tensor_type or job.regrid)
     if not on_grid:
         rows = _merged_rows(job)
+        flat = rows.reshape(-1)
         if job.qtype == QT.F32:
-            return rows.reshape(-1).view(np.uint8), 0
-        return ggml.quantize(rows, job.qtype, job.imatrix, threads=job.threads), 0
+            data = flat.view(np.uint8)
+        else:
+            data = ggml.quantize(rows, job.qtype, job.imatrix, threads=job.threads)
+        info = ggml.type_info(t.tensor_type)
+
+        def requested(start: int, stop: int) -> np.ndarray:  # the merged target less the base: what was asked
+            raw = t.raw()[start // info.block_size * info.type_size : stop // info.block_size * info.type_size]
+            return flat[start:stop] - ggml.dequantize(raw, t.tensor_type, stop - start)
+
+        return data, 0, kept_share(t, data, job.qtype, requested)
     shift = _shift_source(job)
     raw = t.raw()
     threads = job.threads or ggml.default_threads()
@@ -402,7 +479,7 @@ def run_job(job: _Job) -> tuple[np.ndarray, int]:
         )
     except FormatError as e:
         raise FormatError(f"base model tensor {t.name}: {e}") from e
-    return out, int(refresh.sum())
+    return out, int(refresh.sum()), kept_share(t, out, job.qtype, lambda a, b: shift(a, b).copy())
 
 
 def _coarse_grid(base_type: QT, qtype: QT) -> bool:
@@ -462,21 +539,32 @@ class MergePlan:
                 contributions.setdefault(name, []).append((av, lam))
         self.notes: set[str] = set()
         self.jobs: dict[str, _Job] = {}
+        unbiased = self.policy.name.startswith("unbiased")
         for t in self.model.tensors:
             parts = contributions.get(t.name)
             if not parts:
                 continue
             imat_rows = imat.for_tensor(t.name, t.shape) if imat is not None and len(t.shape) > 1 else None
-            qtype = target_type(t.tensor_type, t.shape, self.policy, imat_rows is not None, self.notes)
+            # unbiased on a type without a grid rounding (codebooks, ternary): hifi's finer type, dithered there
+            no_grid = unbiased and len(t.shape) > 1 and t.tensor_type in NO_GRID_TYPES
+            policy = Policy("hifi", None) if no_grid else self.policy
+            qtype = target_type(t.tensor_type, t.shape, policy, imat_rows is not None, self.notes)
             if qtype in _FLOAT_TYPES:
                 imat_rows = None
             job = _Job(t, parts, qtype, self.policy, imat_rows, full_tensors.get(t.name), threads, self.policy.rounding)
+            if no_grid and qtype != t.tensor_type:
+                self.notes.add(
+                    f"{t.tensor_type.name} has no grid rounding (round-to-nearest keeps about 1% of a small change "
+                    f"there): --requant {self.policy.name} wrote its touched tensors as {qtype.name}; "
+                    "--requant same keeps the type and erases the knob"
+                )
+                job = replace(job, regrid=qtype in GRID_TYPES)
             if self.policy.name == "hifi" and qtype != t.tensor_type and t.tensor_type in GRID_TYPES:
                 # the base type is enough where its grid already keeps this change (large Δ, fine types)
                 kept, cos = nearest_keeps(t.raw(), t.tensor_type, _shift_source(job))
                 if kept >= HIFI_MIN_KEPT and cos >= HIFI_MIN_COS:
                     job = replace(job, qtype=t.tensor_type)
-            elif self.policy.name.startswith("unbiased") and _coarse_grid(t.tensor_type, qtype):
+            elif unbiased and _coarse_grid(t.tensor_type, qtype):
                 # where dithering on the base's own grid costs more than the budget, the tensor moves to a finer
                 # grid made from its own values and is dithered there: Q8_0's steps are 8-16 times smaller than
                 # 4- and 5-bit types', so the same unbiased rounding adds 1/60-1/250 of the noise
@@ -497,19 +585,87 @@ class MergePlan:
         return job.qtype if job is not None else next(t.tensor_type for t in self.model.tensors if t.name == name)
 
 
-def _f32_in_flight(pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int]] | None]]) -> int:
+def _f32_in_flight(pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int, Kept]] | None]]) -> int:
     return sum(4 * t.n_elements for t, f in pending if f is not None)
 
 
-def _patch(path: Path, limit: int, replacements: dict[str, str]) -> None:
+def _patch(path: Path, limit: int, replacements: dict[bytes, bytes]) -> None:
     """Overwrite each placeholder (unique, found once in the first ``limit`` bytes) with its same-length value."""
     with open(path, "r+b") as f:
         head = f.read(limit)
         for old, new in replacements.items():
-            at = head.find(old.encode())
-            assert at >= 0 and len(old) == len(new) and head.find(old.encode(), at + 1) < 0, "header placeholder"
+            at = head.find(old)
+            assert at >= 0 and len(old) == len(new) and head.find(old, at + 1) < 0, "header placeholder"
             f.seek(at)
-            f.write(new.encode())
+            f.write(new)
+
+
+def _kept_warning(report: MergeReport) -> str | None:
+    """The one line that says where a merge kept less than :data:`KEPT_SHARE_WARN` of the change, if it did."""
+    low = {n: k.share for n, k in report.kept.items() if k.ref > 0 and k.share < KEPT_SHARE_WARN}
+    if not low:
+        return None
+    types = sorted({report.touched[n][1].name for n in low})
+    bases = {report.touched[n][0] for n in low}
+    if not report.policy.startswith("unbiased"):
+        better = "--requant unbiased keeps it at about the same size (--requant hifi at a larger file)"
+    elif bases <= GRID_TYPES | _HIFI_KEEP:
+        better = "--requant hifi or q8_0 keeps more at a larger file"
+    else:
+        better = "--requant f16 keeps all of it at a larger file"
+    return (
+        f"{len(low)} of {len(report.kept)} touched tensors ({', '.join(types)}) kept only "
+        f"{min(low.values()):.0%}-{max(low.values()):.0%} of the requested change under --requant {report.policy} "
+        f"(the whole merge {report.kept_share:.0%}; weight space, below {KEPT_SHARE_WARN:.0%} counts as erased): "
+        f"{better}; see README, 'Requantization and the knob'"
+    )
+
+
+def diagnose(plan: MergePlan, report: MergeReport, fingerprint: Fingerprint | None) -> None:
+    """Log a merge's diagnostics and add them to ``report.warnings``: type fallbacks, the kept share, and
+    whether the base holds the weights each vector was made from. A file merge and a direct load share it.
+
+    ``fingerprint`` is the base's tensor fingerprint computed while its tensors were read (float bases),
+    or None (gguffile.check_fingerprint then compares what the base's storage types allow).
+    """
+    for note in sorted(plan.notes):
+        log.warning(note)
+        report.warnings.append(note)
+    if report.refreshed_blocks:
+        log.info("%d blocks left the base's grid and were quantized afresh", report.refreshed_blocks)
+    if report.kept:
+        log.info(
+            "kept %.3f of the requested change (weight space; worst tensor %.3f)",
+            report.kept_share,
+            report.min_kept_share,
+        )
+    msg = _kept_warning(report)
+    if msg is not None:
+        log.warning(msg)
+        report.warnings.append(msg)
+    # Transfer across fine-tuning stages: same signature (checked by MergePlan), other weights -> a warning.
+    # What can be compared depends on the base's storage types (gguffile.check_fingerprint).
+    reader: Any = plan.model  # check_fingerprint reads .tensors (name, tensor_type, data) of any shard set
+    for av, _ in plan.vectors:
+        check = check_fingerprint(av.info.base_fingerprint, reader, fingerprint)
+        if check.status == "different":
+            msg = (
+                f"{av.path.name} was made from {av.info.base_source}, but {plan.base} has other weights "
+                f"({check.detail}: a further fine-tuning stage or another precision); alignment vectors "
+                "usually transfer across fine-tuning stages of one model, check the results"
+            )
+            log.warning(msg)
+            report.warnings.append(msg)
+        elif check.status == "unverified":
+            log.info(
+                "cannot tell whether %s holds the weights %s was made from (%s)", plan.base, av.path.name, check.detail
+            )
+
+
+def float_fingerprint(plan: MergePlan) -> Fingerprint | None:
+    """An empty fingerprint to fill tensor by tensor where the base is all float (else None: not needed)."""
+    float_base = all(t.tensor_type in _FLOAT_TYPES for t in plan.model.tensors if t.name not in GENERATED_TENSORS)
+    return Fingerprint() if float_base else None
 
 
 def merge(
@@ -543,24 +699,24 @@ def merge(
         raise InputError("merge needs at least one alignment vector, e.g. {'medical.avec.gguf': 0.5}")
     plan = MergePlan(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, threads=threads)
     model, opened, policy, jobs = plan.model, plan.vectors, plan.policy, plan.jobs
-    reader: Any = model  # gguffile.check_fingerprint reads .tensors (name, tensor_type, data) of any shard set
     if out.exists() and any(os.path.samefile(out, p) for p in model.paths):
         raise InputError(f"output {out} is the base model; the base is never overwritten, choose another path")
     others = [*plan.inputs, *([imatrix] if isinstance(imatrix, (str, os.PathLike)) else [])]
     if out.exists() and any(os.path.exists(p) and os.path.samefile(out, p) for p in others):
         raise InputError(f"output {out} is one of the merge's inputs, which are never overwritten; choose another path")
     report = MergeReport(path=out, policy=policy.name)
-    float_base = all(t.tensor_type in _FLOAT_TYPES for t in model.tensors if t.name not in GENERATED_TENSORS)
-    fingerprint = Fingerprint() if float_base else None
-    notes = plan.notes
+    fingerprint = float_fingerprint(plan)
     inputs = plan.inputs
 
-    # The vectors' content sha256 go into the header. Vectors record it; for one that does not, hashing
-    # takes a second or more: it runs beside the merge, the header gets placeholders of the same length,
-    # and they are patched at the end.
+    # The vectors' content sha256 go into the header. Hashing takes a second or more: it runs beside the merge,
+    # the header gets placeholders of the same length, and they are patched at the end.
     placeholders = [secrets.token_hex(32) for _ in opened]
+    # the kept share is known once every tensor is merged: a placeholder of the same length until then
+    kept_placeholder = pack_kv(K_MERGED_KEPT, [1.0 + secrets.randbits(52) / 2**52 for _ in range(2)])
     hasher = ThreadPoolExecutor(1, thread_name_prefix="alignvec-sha256")
-    digests = hasher.submit(lambda: [av.content_sha256 for av, _ in opened])
+    # Each vector is read whole there (AlignmentVector.sha256): the digest recorded is that of what this merge
+    # read, and a recorded alignvec.content_sha256 that the tensors no longer match is a FormatError.
+    digests = hasher.submit(lambda: [av.sha256 and av.content_sha256 for av, _ in opened])
     hasher.shutdown(wait=False)
     extra = [
         pack_kv(K_MERGED_VECTORS, [av.info.name or av.path.name for av, _ in opened]),
@@ -568,6 +724,7 @@ def merge(
         pack_kv(K_MERGED_LAMBDAS, [float(lam) for _, lam in opened]),
         pack_kv(K_MERGED_REQUANT, requant.lower()),
         pack_kv(K_MERGED_BASE, base.name),
+        kept_placeholder,
     ]
     n_kv, kv = _merged_metadata(model, extra)
     slots = []
@@ -585,7 +742,7 @@ def merge(
                 total = sum(t.n_bytes for t in model.tensors)
                 bar = tqdm(total=total, desc="merging", unit="B", unit_scale=True, disable=not progress, delay=1.0)
                 streamed = 0
-                pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int]] | None]] = deque()
+                pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int, Kept]] | None]] = deque()
 
                 def write_head() -> None:
                     nonlocal streamed
@@ -594,7 +751,7 @@ def merge(
                         writer.write_tensor(t.raw())
                         report.copied += 1
                     else:
-                        data, refreshed = fut.result()
+                        data, refreshed, report.kept[t.name] = fut.result()
                         writer.write_tensor(data)
                         report.touched[t.name] = (t.tensor_type, jobs[t.name].qtype)
                         report.refreshed_blocks += refreshed
@@ -638,35 +795,10 @@ def merge(
                 writer.finish()
         finally:
             pages.release(inputs)
-        _patch(tmp, kv_end, dict(zip(placeholders, digests.result(), strict=True)))
+        patches = {old.encode(): new.encode() for old, new in zip(placeholders, digests.result(), strict=True)}
+        patches[kept_placeholder] = pack_kv(K_MERGED_KEPT, [report.kept_share, report.min_kept_share])
+        _patch(tmp, kv_end, patches)
 
-    for note in sorted(notes):
-        log.warning(note)
-        report.warnings.append(note)
-    if report.refreshed_blocks:
-        log.info("%d blocks left the base's grid and were quantized afresh", report.refreshed_blocks)
-    coarse = sorted({w.name for _, w in report.touched.values() if w in COARSE_TYPES})
-    if coarse and policy.rounding in ("ggml", "nearest") and policy.name != "hifi":
-        msg = (
-            f"touched tensors were requantized to {', '.join(coarse)}: round-to-nearest erases small deltas there "
-            "(see README, 'Requantization and the knob'); --requant unbiased (the default) keeps the knob at about "
-            "the same size, --requant hifi (or --requant q8_0) keeps all of it"
-        )
-        log.warning(msg)
-        report.warnings.append(msg)
-    # Transfer across fine-tuning stages: same signature (checked above), other weights -> a warning.
-    # What can be compared depends on the base's storage types (gguffile.check_fingerprint).
-    for av, _ in opened:
-        check = check_fingerprint(av.info.base_fingerprint, reader, fingerprint)
-        if check.status == "different":
-            msg = (
-                f"{av.path.name} was made from {av.info.base_source}, but {base} has other weights "
-                f"({check.detail}: a further fine-tuning stage or another precision); alignment vectors "
-                "usually transfer across fine-tuning stages of one model, check the results"
-            )
-            log.warning(msg)
-            report.warnings.append(msg)
-        elif check.status == "unverified":
-            log.info("cannot tell whether %s holds the weights %s was made from (%s)", base, av.path.name, check.detail)
+    diagnose(plan, report, fingerprint)
     report.seconds = time.perf_counter() - start
     return report

@@ -228,10 +228,16 @@ def test_merged_model_loads_and_generates(llama_pair, quantized_bases, tmp_path)
 
 
 def test_coarse_requantization_is_reported(llama_pair, quantized_bases, tmp_path):
-    same = merge(quantized_bases["Q4_K_M"], {llama_pair.av: 1.0}, tmp_path / "a.gguf", requant="same")
-    assert any("Q4_K" in w and "--requant q8_0" in w for w in same.warnings)
-    raised = merge(quantized_bases["Q4_K_M"], {llama_pair.av: 1.0}, tmp_path / "b.gguf", requant="q8_0")
-    assert not raised.warnings
+    """Round-to-nearest of a small change on Q4_K erases it: measured, warned in one line, recorded in the file."""
+    same = merge(quantized_bases["Q4_K_M"], {llama_pair.av: 0.1}, tmp_path / "a.gguf", requant="same")
+    warned = [w for w in same.warnings if "of the requested change" in w]
+    assert len(warned) == 1 and "Q4_K" in warned[0] and "--requant unbiased" in warned[0], same.warnings
+    assert same.min_kept_share < 0.5
+    kept = field(GGUFReader(same.path), "alignvec.merged.kept_share")
+    assert kept == pytest.approx([same.kept_share, same.min_kept_share])
+    for policy in ("q8_0", "unbiased"):  # a finer type, or the default: the change is kept, no warning
+        raised = merge(quantized_bases["Q4_K_M"], {llama_pair.av: 0.1}, tmp_path / "b.gguf", requant=policy)
+        assert not raised.warnings and raised.min_kept_share > 0.5, policy
 
 
 # --- the merge engine at full strength (issue 3) ---
@@ -311,6 +317,35 @@ def test_direct_load_matches_the_merged_file(llama_pair, quantized_bases, tmp_pa
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_direct_load_gives_the_file_merges_diagnostics(llama_pair, quantized_bases, tmp_path, caplog):
+    """mode="direct" logs what a file merge warns about: the kept-share warning, type fallbacks, the fingerprint."""
+    import logging
+    import shutil
+
+    from alignvec_gguf import load
+
+    other = tmp_path / "other-f32.gguf"  # the same layout with other weights: a norm moved by 1%
+    shutil.copy(llama_pair.base_gguf, other)
+    reader = GGUFReader(other, "r+")
+    norm = next(t for t in reader.tensors if t.name.endswith("attn_norm.weight"))
+    norm.data[...] = norm.data * np.float32(1.01)
+    reader.data.flush()
+    del reader, norm
+    cases = [
+        (quantized_bases["Q4_K_M"], "same", 0.1, "of the requested change"),  # round-to-nearest erases it
+        (other, "q4_k", 0.5, "was made from"),  # other weights: the transfer warning
+    ]
+    for base, policy, lam, needle in cases:
+        report = merge(base, {llama_pair.av: lam}, tmp_path / "m.gguf", requant=policy)
+        assert [w for w in report.warnings if needle in w], (policy, report.warnings)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignvec_gguf"):
+            llm = load(base, {llama_pair.av: lam}, requant=policy, mode="direct", n_ctx=32, n_threads=2)
+            llm.close()
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert logged == report.warnings, policy
+
+
 def test_inputs_leave_the_resident_set(quantized_bases):
     from alignvec_gguf import pages
 
@@ -345,3 +380,30 @@ def test_content_digest_of_vectors_without_one(tmp_path):
     tensors = sorted(reader.tensors, key=lambda t: t.data_offset)
     expected = hashlib.sha256(b"".join(np.ascontiguousarray(t.data).tobytes() for t in tensors)).hexdigest()
     assert AlignmentVector(path).content_sha256 == expected
+
+
+def test_a_plain_merge_records_what_it_read_and_refuses_an_edited_vector(llama_pair, quantized_bases, tmp_path):
+    """Not only the cache: merge() itself reads each vector whole beside the merge, so a vector whose tensors
+    changed after writing (its recorded content digest is stale) is a one-line FormatError and nothing is written."""
+    import shutil
+
+    from alignvec_gguf.errors import FormatError
+
+    edited = tmp_path / "edited.avec.gguf"
+    shutil.copy(llama_pair.av, edited)
+    last = max(GGUFReader(edited).tensors, key=lambda t: t.data_offset)
+    with open(edited, "r+b") as f:  # the lowest mantissa bit of one float32: still finite, still plausible
+        f.seek(int(last.data_offset))
+        byte = f.read(1)
+        f.seek(int(last.data_offset))
+        f.write(bytes([byte[0] ^ 1]))
+    out = tmp_path / "m.gguf"
+    with pytest.raises(FormatError, match="tensors changed after it was written") as e:
+        merge(quantized_bases["Q8_0"], {edited: 0.5}, out)
+    assert "\n" not in str(e.value) and not out.exists() and not list(tmp_path.glob("*.tmp"))
+    report = merge(quantized_bases["Q8_0"], {llama_pair.av: 0.5}, out)
+    content = hashlib.sha256()
+    reader = GGUFReader(llama_pair.av)
+    for t in sorted(reader.tensors, key=lambda t: t.data_offset):
+        content.update(np.ascontiguousarray(t.data).tobytes())
+    assert field(GGUFReader(report.path), "alignvec.merged.vector_sha256") == [content.hexdigest()]

@@ -7,6 +7,7 @@ llama.cpp's imatrix formats as its quantize tool reads them.
 
 from __future__ import annotations
 
+import importlib
 import struct
 
 import numpy as np
@@ -21,6 +22,8 @@ from alignvec_gguf.errors import CompatibilityError, FormatError
 from alignvec_gguf.gguffile import field, signature, tensor_bytes, tensor_shape
 from alignvec_gguf.imatrix import load_imatrix
 from alignvec_gguf.merge import IMATRIX_FALLBACK
+
+merge_mod = importlib.import_module("alignvec_gguf.merge")  # the module (the package exports merge())
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3]
 ALL_TYPES = sorted(ggml.QUANTIZABLE - {QT.F32}, key=lambda t: t.name)
@@ -388,3 +391,78 @@ def test_vector_ranges_equal_the_whole_delta(llama_pair):
         assert np.array_equal(av.delta_range(name, 0, cut), whole[:cut])
         out = np.empty(n - cut, np.float32)
         assert av.delta_range(name, cut, n, out) is out and np.array_equal(out, whole[cut:])
+
+
+# --- no silent erasure: the kept share, measured and recorded -----------------------------------------
+
+
+def _kept_shares(base, merged, av, lam) -> dict[str, float]:
+    """Per touched tensor, over every element: <merged − base, λΔ> / |λΔ|² (the oracle for the merge's sample)."""
+    b, m = GGUFReader(base), GGUFReader(merged)
+    bt = {t.name: t for t in b.tensors}
+    out = {}
+    for t in m.tensors:
+        if t.name not in av.names:
+            continue
+        want = np.float64(lam) * av.delta(t.name).reshape(-1).astype(np.float64)
+        got = ggml.dequantize(tensor_bytes(m, t), t.tensor_type, t.n_elements).astype(np.float64)
+        got -= ggml.dequantize(tensor_bytes(b, bt[t.name]), bt[t.name].tensor_type, t.n_elements)
+        if want @ want > 0:
+            out[t.name] = float(got @ want / (want @ want))
+    return out
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_kept_share_warning_fires_exactly_below_the_threshold(llama_pair, typed_bases, tmp_path, qtype):
+    """Round-to-nearest at a small λ: the merge measures what each tensor kept, records it in the file, and
+    warns once, naming the types, exactly for the tensors below KEPT_SHARE_WARN."""
+    base = typed_bases(qtype)
+    lam = 0.2
+    report = merge(base, {llama_pair.av: lam}, tmp_path / "m.gguf", requant="same")
+    av = AlignmentVector(llama_pair.av)
+    truth = _kept_shares(base, report.path, av, lam)
+    shares = {n: k.share for n, k in report.kept.items() if k.ref > 0}
+    assert set(shares) == set(truth)
+    sizes = {t.name: t.n_elements for t in GGUFReader(base).tensors}
+    for name, share in truth.items():  # tensors of up to 2^16 elements are measured whole, others on rows
+        assert shares[name] == pytest.approx(share, abs=1e-4 if sizes[name] <= 1 << 16 else 0.03), name
+    recorded = field(GGUFReader(report.path), merge_mod.K_MERGED_KEPT)
+    assert recorded == pytest.approx([report.kept_share, report.min_kept_share], abs=1e-9)
+    assert report.min_kept_share == min(shares.values())
+    low = [n for n, s in shares.items() if s < merge_mod.KEPT_SHARE_WARN]
+    warned = [w for w in report.warnings if "of the requested change" in w]
+    if not low:
+        assert not warned
+    else:
+        assert len(warned) == 1
+        assert warned[0].startswith(f"{len(low)} of {len(shares)} touched tensors (")
+        types = {report.touched[n][1].name for n in low}
+        assert all(t in warned[0] for t in types) and "--requant unbiased" in warned[0]
+    # exactly at the threshold: moved just above and just below a tensor's share, the count follows
+    for share in sorted(shares.values())[:3]:
+        for threshold in (share + 1e-6, share - 1e-6):
+            r = merge_mod.MergeReport(report.path, report.touched, kept=report.kept, policy="same")
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(merge_mod, "KEPT_SHARE_WARN", threshold)
+                msg = merge_mod._kept_warning(r)
+            n_low = sum(s < threshold for s in shares.values())
+            assert (msg is None) == (n_low == 0)
+            assert msg is None or msg.startswith(f"{n_low} of {len(shares)} touched tensors")
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_default_policy_keeps_the_change_on_every_type(llama_pair, typed_bases, tmp_path, qtype):
+    """The default (unbiased) at a small λ keeps at least half of the change on every tensor of every type: on
+    the base's grid where it has one, else at Q8_0 with a note (the codebook and ternary types)."""
+    base = typed_bases(qtype)
+    report = merge(base, {llama_pair.av: 0.2}, tmp_path / "m.gguf")
+    assert report.policy == merge_mod.DEFAULT_POLICY == "unbiased"
+    assert report.min_kept_share >= merge_mod.KEPT_SHARE_WARN
+    assert not [w for w in report.warnings if "of the requested change" in w]
+    written = {b: w for b, w in report.touched.values() if b == qtype}
+    assert written, "the base holds touched tensors of this type"
+    if qtype in merge_mod.NO_GRID_TYPES:
+        assert set(written.values()) == {QT.Q8_0}
+        assert any(w.startswith(f"{qtype.name} has no grid rounding") for w in report.warnings)
+    truth = _kept_shares(base, report.path, AlignmentVector(llama_pair.av), 0.2)
+    assert min(truth.values()) >= merge_mod.KEPT_SHARE_WARN - 0.03

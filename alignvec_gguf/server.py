@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from importlib import resources
@@ -102,6 +103,32 @@ def _prompt(body: dict[str, Any]) -> str:
     return prompt
 
 
+# llama-cpp-python's ValueErrors that a request causes (llama.py, llama_chat_format.py); any other ValueError
+# is an internal error. Matched on the message: llama-cpp-python raises them without a type of their own.
+_REQUEST_VALUE_ERRORS = re.compile(
+    r"Requested tokens \(\d+\) exceed (context window|batch size)|logprobs is not supported|Unsupported role"
+    r"|Tool choice '.*' not found"
+)
+
+
+def is_request_error(exc: ValueError) -> bool:
+    """Whether a ValueError from llama-cpp-python is the request's fault (400) rather than a bug (500).
+
+    Those are a prompt longer than the context and the few checks of a request's fields, and an error a
+    model's chat template raises itself (``raise_exception``: e.g. roles that do not alternate).
+    """
+    if _REQUEST_VALUE_ERRORS.search(str(exc)):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (
+        tb is not None
+        and tb.tb_frame.f_code.co_name == "raise_exception"
+        and "llama_cpp" in tb.tb_frame.f_code.co_filename
+    )
+
+
 class _InternalErrors:
     """A bug or a llama.cpp failure is the client's 500 with an OpenAI-style body. Caught here, inside
     Starlette's outermost error middleware, which would answer and then re-raise, and so drop the
@@ -144,8 +171,10 @@ def create_app(live: LiveModel, *, model_id: str | None = None, max_tokens_limit
     async def _alignvec_error(request: Request, exc: AlignVecError) -> JSONResponse:
         return error(400, str(exc), exc.param if isinstance(exc, BadRequest) else None)
 
-    @app.exception_handler(ValueError)  # llama-cpp-python: prompt longer than the context, bad stop...
+    @app.exception_handler(ValueError)
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
+        if not is_request_error(exc):
+            raise exc  # a bug: _InternalErrors answers 500 and logs the traceback
         return error(400, str(exc))
 
     app.add_middleware(_InternalErrors)

@@ -275,3 +275,31 @@ def test_the_playground_is_one_self_contained_page(server):
     assert re.findall(r"""fetch\((["'`])([^"'`]*)""", page) == [('"', "/v1/alignment")]
     status, info = request(f"{server}/v1/alignment")
     assert status == 200 and info["chat_template"] is False  # the tiny model has none: the page prompts plainly
+
+
+def test_an_internal_value_error_is_a_500_with_a_logged_traceback(server, live, monkeypatch, caplog):
+    """Only llama-cpp-python's request errors are 400; a ValueError from a bug is the server's 500, logged."""
+    import logging
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("operands could not be broadcast together")  # e.g. a numpy shape bug
+
+    monkeypatch.setattr(live, "create_completion", broken)
+    with caplog.at_level(logging.ERROR, logger="alignvec_gguf.server"):
+        status, out = request(f"{server}/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    assert status == 500, out
+    assert out["error"]["type"] == "server_error" and "broadcast" in out["error"]["message"]
+    logged = [r for r in caplog.records if r.name == "alignvec_gguf.server" and r.exc_info]
+    assert logged and logged[0].exc_info[0] is ValueError
+    monkeypatch.undo()
+    status, out = request(f"{server}/v1/completions", {"prompt": "the court ruled " * 200, "max_tokens": 4})
+    assert status == 400 and "context" in out["error"]["message"]  # the request's fault stays 400
+
+
+def test_request_value_errors_are_told_apart_from_bugs():
+    from alignvec_gguf.server import is_request_error
+
+    assert is_request_error(ValueError("Requested tokens (900) exceed context window of 512"))
+    assert is_request_error(ValueError("Unsupported role: robot"))
+    assert not is_request_error(ValueError("operands could not be broadcast together"))
+    assert not is_request_error(ValueError("Model path does not exist: x.gguf"))

@@ -41,9 +41,13 @@ and in the low-rank form at ranks 8, 32 and 128, and measures:
                                 (ggml-rpc-server on 127.0.0.1, llama-server --rpc ... -ngl 99): decode
                                 tokens/s and ms per token against the same llama-server without RPC
 
-Usage: python benchmarks/live.py [--tokens 128] [--threads N] [--hidden 1024] [--layers 4] [--repeats 7]
-[--no-llama-server]. Needs the test extras (pip install -e '.[convert,dev]'); the first run builds llama.cpp's
-tools (minutes, once; one line says so where that is impossible). The last line is JSON.
+--size 1b runs benchmarks/live_1b.py instead: one and three rank-32 AVs on a TinyLlama-shaped 1.1B Q4_K_M
+(cached under ~/.cache/alignvec/bench), against the merged models and llama-server's own LoRA path in the
+same run; its docstring lists what it reports.
+
+Usage: python benchmarks/live.py [--size 48m|1b] [--tokens 128] [--threads N] [--hidden 1024] [--layers 4]
+[--repeats 7] [--no-llama-server]. Needs the test extras (pip install -e '.[convert,dev]'); the first run
+builds llama.cpp's tools (minutes, once; one line says so where that is impossible). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llamatools  # noqa: E402
 import tinymodels as tm  # noqa: E402
@@ -226,7 +231,18 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the models and vectors (printed directory)")
     parser.add_argument("--rounds", type=int, default=5, help="decode-speed rounds, interleaved (best of)")
     parser.add_argument("--no-llama-server", action="store_true", help="skip llama.cpp's llama-server anchor")
+    parser.add_argument("--size", choices=("48m", "1b"), default="48m", help="1b: benchmarks/live_1b.py")
+    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "alignvec" / "bench"), help="1b: model cache")
     args = parser.parse_args()
+    if args.size == "1b":
+        import live_1b
+
+        if args.repeats == parser.get_default("repeats"):
+            args.repeats = 3
+        if args.rounds == parser.get_default("rounds"):
+            args.rounds = 3
+        live_1b.main(args)
+        return
     logging.basicConfig(level=logging.ERROR)  # the merges' requantization warnings are expected here
     threads: dict[str, Any] = {"n_threads": args.threads, "n_threads_batch": args.threads}
     root = Path(tempfile.mkdtemp(prefix="alignvec-live-"))

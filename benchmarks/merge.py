@@ -24,6 +24,11 @@ process (timings and peak RSS from ``wait4``). What is measured:
 
 Usage: python benchmarks/merge.py [--quick] [--workdir DIR] [--keep]. --quick: a ~90M model, under two
 minutes. The last line is JSON.
+
+``--size 7b`` runs benchmarks/merge_7b.py instead: a Mistral-7B-shaped model at Q4_K_M, built once, streamed
+and cached under ~/.cache/alignvec/bench/7b (``--clean`` deletes it at the end); its docstring says what it
+measures. ``--lean`` runs those same measurements on the 1.1B model (or the 90M one with --quick), for the
+README's scaling table.
 """
 
 from __future__ import annotations
@@ -168,8 +173,12 @@ def peak_rss_mb() -> float:
 
 def child(task: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Runs inside the child process; returns what the parent prints."""
+    import resource
+
     result = _child(task, spec)
     result["peak_rss_mb"] = peak_rss_mb()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # every thread of the child
     return result
 
 
@@ -189,6 +198,17 @@ def _child(task: str, spec: dict[str, Any]) -> dict[str, Any]:
 
         report = merge(spec["base"], {spec["av"]: spec["lam"]}, spec["out"], requant=spec["requant"])
         return {"seconds": time.perf_counter() - t0, "touched": len(report.touched)}
+    if task == "digest":  # the cache remembers the inputs' content digests: later merges skip hashing them
+        from alignvec_gguf.cache import MergeCache
+        from alignvec_gguf.merge import open_vectors
+
+        MergeCache(spec["cache"]).key(Path(spec["base"]), open_vectors({spec["av"]: spec["lam"]}), spec["requant"])
+        return {"seconds": time.perf_counter() - t0}
+    if task == "cached_merge":  # what load() waits for on a new mix, the inputs' digests already known
+        from alignvec_gguf import cached_merge
+
+        path = cached_merge(spec["base"], {spec["av"]: spec["lam"]}, requant=spec["requant"], cache_dir=spec["cache"])
+        return {"seconds": time.perf_counter() - t0, "path": str(path)}
     if task == "numpy":
         return numpy_pipeline(spec, t0)
     if task == "speed":
@@ -230,7 +250,11 @@ def speed(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         llm = new_llama(spec["path"], n_ctx=256, n_threads=spec["threads"], verbose=False)
     seconds = time.perf_counter() - t0
-    return {"load_seconds": seconds, "tokens_per_s": decode_speed(llm) if spec.get("decode") else None}
+    if not spec.get("decode"):
+        return {"load_seconds": seconds, "tokens_per_s": None}
+    clock = time.process_time if spec.get("cpu_clock") else time.perf_counter
+    tokens = decode_speed(llm, tokens=spec.get("tokens", DECODE_TOKENS), clock=clock)
+    return {"load_seconds": seconds, "tokens_per_s": tokens}
 
 
 def numpy_pipeline(spec: dict[str, Any], t0: float) -> dict[str, Any]:
@@ -302,10 +326,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a ~90M model, under two minutes")
     parser.add_argument("--workdir", help="where the models go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the models")
+    parser.add_argument(
+        "--size", choices=("1b", "7b"), default="1b", help="7b: a Mistral-7B-shaped model (benchmarks/merge_7b.py)"
+    )
+    parser.add_argument("--clean", action="store_true", help="7b: delete the cached model and vector when done")
+    parser.add_argument(
+        "--lean", action="store_true", help="the 7b measurements (benchmarks/merge_7b.py) on the 1b or --quick model"
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], json.loads(args.child[1]))))
+        return
+    if args.size == "7b" or args.lean:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import merge_7b
+
+        merge_7b.main(args, "90m" if args.quick and args.size != "7b" else args.size)
         return
 
     from alignvec_gguf import ggml

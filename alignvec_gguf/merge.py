@@ -421,11 +421,19 @@ def _sample_rows(n_rows: int, n_per_row: int) -> list[tuple[int, int]]:
     return [(int(s), int(s) + length) for s in starts]
 
 
+def _values(tensor: ModelTensor, start: int, stop: int) -> np.ndarray:
+    """Elements ``start:stop`` (block-aligned) of a tensor, dequantized to float32."""
+    info = ggml.type_info(tensor.tensor_type)
+    raw = tensor.raw()[start // info.block_size * info.type_size : stop // info.block_size * info.type_size]
+    return ggml.dequantize(raw, tensor.tensor_type, stop - start)
+
+
 def kept_share(tensor: ModelTensor, data: np.ndarray, qtype: QT, requested: Callable[[int, int], np.ndarray]) -> Kept:
     """How much of the requested change the merged bytes ``data`` (of ``qtype``) keep over the base's tensor.
 
-    ``requested(start, stop)`` gives the change asked for on an element range (Σ λ·Δ, plus full −
-    dequant(base) with a full-precision base); the realized change is dequant(merged) − dequant(base).
+    ``requested(start, stop)`` gives the change asked for on an element range (Σ λ·Δ: with a full-precision
+    base, not its correction of the base's rounding, which no quantized file keeps); the realized change is
+    dequant(merged) − dequant(base).
     Measured on whole rows (:func:`_sample_rows`), so any pair of block types lines up.
     """
     n_per_row = tensor.shape[-1]
@@ -453,11 +461,10 @@ def run_job(job: _Job) -> tuple[np.ndarray, int, Kept]:
             data = flat.view(np.uint8)
         else:
             data = ggml.quantize(rows, job.qtype, job.imatrix, threads=job.threads)
-        info = ggml.type_info(t.tensor_type)
+        src = job.full if job.full is not None else t
 
-        def requested(start: int, stop: int) -> np.ndarray:  # the merged target less the base: what was asked
-            raw = t.raw()[start // info.block_size * info.type_size : stop // info.block_size * info.type_size]
-            return flat[start:stop] - ggml.dequantize(raw, t.tensor_type, stop - start)
+        def requested(start: int, stop: int) -> np.ndarray:  # the merged target less what it was added to: Σ λ·Δ
+            return flat[start:stop] - _values(src, start, stop)
 
         return data, 0, kept_share(t, data, job.qtype, requested)
     shift = _shift_source(job)
@@ -479,7 +486,15 @@ def run_job(job: _Job) -> tuple[np.ndarray, int, Kept]:
         )
     except FormatError as e:
         raise FormatError(f"base model tensor {t.name}: {e}") from e
-    return out, int(refresh.sum()), kept_share(t, out, job.qtype, lambda a, b: shift(a, b).copy())
+    full = job.full
+
+    def asked(start: int, stop: int) -> np.ndarray:  # Σ λ·Δ: the shift less a full-precision base's correction
+        change = shift(start, stop).copy()
+        if full is not None:
+            change -= _values(full, start, stop) - _values(t, start, stop)
+        return change
+
+    return out, int(refresh.sum()), kept_share(t, out, job.qtype, asked)
 
 
 def _coarse_grid(base_type: QT, qtype: QT) -> bool:

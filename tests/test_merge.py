@@ -295,6 +295,12 @@ def test_full_precision_base_gives_the_from_scratch_quantization(llama_pair, qua
             got = ggml.dequantize(tensor_bytes(merged, t), t.tensor_type, t.n_elements)
             want = ggml.dequantize(tensor_bytes(ref_reader, ref[t.name]), t.tensor_type, t.n_elements)
             assert np.mean(got == want) > 0.99, t.name
+    # the kept share is that of λΔ (not of the full base's correction of the 4-bit rounding, which no 4-bit
+    # file keeps): the from-scratch quantization keeps the knob, so no erasure warning; at a small λ too
+    small = merge(quantized_bases["Q4_K_M"], {llama_pair.av: 0.1}, tmp_path / "s.gguf", requant="same",
+                  full_base=llama_pair.base_gguf)  # fmt: skip
+    for r in (out, small):
+        assert r.min_kept_share > 0.5 and not [w for w in r.warnings if "of the requested change" in w]
     with pytest.raises(Exception, match="F32, F16 or BF16"):
         merge(quantized_bases["Q4_K_M"], {llama_pair.av: lam}, tmp_path / "x.gguf", full_base=quantized_bases["Q8_0"])
 

@@ -569,8 +569,8 @@ class MergePlan:
             job = _Job(t, parts, qtype, self.policy, imat_rows, full_tensors.get(t.name), threads, self.policy.rounding)
             if no_grid and qtype != t.tensor_type:
                 self.notes.add(
-                    f"{t.tensor_type.name} has no grid rounding (round-to-nearest keeps about 1% of a small change "
-                    f"there): --requant {self.policy.name} wrote its touched tensors as {qtype.name}; "
+                    f"{t.tensor_type.name} has no grid rounding (round-to-nearest keeps a few percent of a small "
+                    f"change there): --requant {self.policy.name} wrote its touched tensors as {qtype.name}; "
                     "--requant same keeps the type and erases the knob"
                 )
                 job = replace(job, regrid=qtype in GRID_TYPES)

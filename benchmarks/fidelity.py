@@ -20,6 +20,14 @@ how Δ acts), then every figure by base, λ and policy.
 
 Usage: python benchmarks/fidelity.py [--seeds 3] [--scale 0.02] [--hidden 256] [--layers 2]
 [--policies a,b,...]; about 35 s per seed here. Needs the test extras (pip install -e '.[convert,dev]').
+
+``--types``: every type llama.cpp's quantizer presets produce that people download (TYPE_PRESETS: Q2_K ...
+IQ2_M), each base made by llama.cpp from the F32 one, with an importance matrix (llama-quantize's
+--imatrix, from the model's own activations) for the presets that need one; per type the default
+policy (and ``same``, round-to-nearest, for comparison) at λ = 1 and 0.3. With ``--model smollm2`` the
+real model and its style vector instead of the synthetic one. The last line is JSON: ``types`` maps each
+type to ``kept``, ``cos``, ``kl_vs_anchor``, ``size_ratio`` and ``warned`` (the merge's kept-share
+warning) of the default policy at λ = 1, with ``goal`` checking IQ4_XS/IQ4_NL (kept ≥ 0.5, KL ≤ 1.2x anchor).
 """
 
 from __future__ import annotations
@@ -303,11 +311,231 @@ def report_real(
     print(json.dumps(result))
 
 
+# --- weight space, every ggml type (--grids) ------------------------------------------------------------
+
+
+def _kept_cos(change: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    d, x = change.reshape(-1).astype(np.float64), want.reshape(-1).astype(np.float64)
+    return float(d @ x / (x @ x)), float(d @ x / (np.linalg.norm(d) * np.linalg.norm(x) or 1.0))
+
+
+def grids(args: argparse.Namespace) -> None:
+    """Share of a random Δ that each type keeps in weight space: ggml's requantization (round to nearest after
+    its scale search, what ``same`` does) and, where requant.py has a codec, the grid roundings on the base's
+    own scales. Gaussian 64 x 1024 matrices, Δ = 2% and 10% of mean |w|; IQ types get a random imatrix."""
+    from gguf import GGMLQuantizationType as QT
+
+    from alignvec_gguf import ggml, requant
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 1024)).astype(np.float32)
+    imat = rng.uniform(0.5, 2, 1024).astype(np.float32)
+    qtypes = sorted(ggml.QUANTIZABLE - {QT.F32, QT.F16, QT.BF16}, key=lambda t: t.name)
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    print(f"{'type':8} {'Δ':>4} {'ggml kept':>9} {'cos':>6} {'nearest':>8} {'dither':>7} {'calibr.':>8} {'d.noise':>8}")
+    for scale in (0.02, 0.1):
+        delta = (scale * math.sqrt(2 / math.pi) * rng.standard_normal(w.shape)).astype(np.float32)
+        for qt in qtypes:
+            im = imat if qt.name.startswith("IQ") else None
+            raw = ggml.quantize(w, qt, im)
+            base = ggml.dequantize(raw, qt, w.size)
+
+            def kept(
+                new: np.ndarray, qt: QT = qt, base: np.ndarray = base, delta: np.ndarray = delta
+            ) -> tuple[float, float]:
+                return _kept_cos(ggml.dequantize(new, qt, w.size) - base, delta)
+
+            ggml_kept, ggml_cos = kept(ggml.quantize(base.reshape(w.shape) + delta, qt, im))
+            row = {"ggml_kept": ggml_kept, "ggml_cos": ggml_cos}
+            if qt in requant.GRID_TYPES:
+                for rounding in requant.ROUNDINGS:
+                    row[rounding] = kept(requant.requantize_on_grid(raw, qt, delta.reshape(-1), rounding, seed=1)[0])[0]
+                row["dither_noise"] = requant.dither_noise(raw, qt, delta.reshape(-1))
+            result.setdefault(qt.name, {})[f"{scale:g}"] = {k: round(v, 4) for k, v in row.items()}
+            grid = " ".join(f"{row[k]:7.3f}" if k in row else "      -" for k in (*requant.ROUNDINGS, "dither_noise"))
+            print(f"{qt.name:8} {scale:4.0%} {row['ggml_kept']:9.3f} {row['ggml_cos']:6.3f} {grid}", flush=True)
+    print(json.dumps({"weight_space_kept": result}))
+
+
+# --- every downloaded type (--types) ------------------------------------------------------------------
+
+TYPE_PRESETS = ["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_XS", "IQ4_NL", "IQ3_M"]
+TYPE_PRESETS += ["IQ3_XXS", "IQ2_M"]
+NEEDS_IMATRIX = {"IQ3_XXS", "IQ2_M"}  # llama-quantize refuses these without one
+TYPE_POLICIES = [DEFAULT_POLICY, "calibrated", "dither", "same"]  # calibrated and dither: the base's size
+_LINEAR_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def make_imatrix(hf_dir: Path, tokens: list[int], out: Path) -> Path:
+    """llama-imatrix's legacy .dat from the model's own activations: per linear layer, the mean squared input
+    of every column over ``tokens`` (transformers; GGUF tensor names as llama.cpp's converter gives them)."""
+    import struct
+
+    import torch
+
+    model = rm.load_hf(hf_dir)
+    sums: dict[str, Any] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if name == "lm_head":
+            gguf = "output.weight"
+        else:
+            parts = name.split(".")  # model.layers.{i}.self_attn.q_proj
+            short = _LINEAR_NAMES.get(".".join(parts[-2:]))
+            if parts[:2] != ["model", "layers"] or short is None:
+                continue
+            gguf = f"blk.{parts[2]}.{short}.weight"
+
+        def hook(_m: Any, inputs: tuple[Any, ...], _out: Any, key: str = gguf) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            s, n = sums.get(key, (0.0, 0))
+            sums[key] = (s + (x * x).sum(0), n + x.shape[0])
+
+        hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        for i in range(0, len(tokens), 256):
+            model(torch.tensor([tokens[i : i + 256]]))
+    for h in hooks:
+        h.remove()
+    with open(out, "wb") as f:
+        f.write(struct.pack("<i", len(sums)))
+        for key, (s, n) in sums.items():
+            values = (s / n).float().numpy()
+            f.write(struct.pack("<i", len(key)) + key.encode() + struct.pack("<ii", 1, values.size))
+            f.write(values.astype("<f4").tobytes())
+        f.write(struct.pack("<ii", 1, len("alignvec-benchmark")) + b"alignvec-benchmark")
+    return out
+
+
+def quantize_preset(f32: Path, out: Path, preset: str, imatrix: Path | None) -> Path:
+    """llama.cpp's quantizer: the library's llama_model_quantize, or llama-quantize --imatrix where one is needed."""
+    if out.is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.part")
+    if imatrix is None:
+        tm.quantize_gguf(f32, tmp, f"MOSTLY_{preset}")
+    else:
+        import subprocess
+
+        import llamatools
+
+        tool = llamatools.ensure(("llama-quantize",)) / "llama-quantize"
+        cmd = [str(tool), "--imatrix", str(imatrix), str(f32), str(tmp), preset, "2"]
+        subprocess.run(cmd, check=True, capture_output=True)
+    tmp.rename(out)
+    return out
+
+
+def types(args: argparse.Namespace) -> None:
+    policies = args.policies.split(",") if args.policies else TYPE_POLICIES
+    lambdas = [float(x) for x in args.type_lambdas.split(",")]
+    presets = args.types.split(",") if args.types != "all" else TYPE_PRESETS
+    tmp = tempfile.TemporaryDirectory(prefix="alignvec-fidelity-types-")
+    root = Path(tmp.name)
+    runs: list[tuple[Path, Path, Path, Path, list[int] | None]] = []  # (F32, hf dir, av, work dir, tokens)
+    if args.model == "smollm2":
+        base, av = style_vector(args)
+        from transformers import AutoTokenizer
+
+        _, toks = style_scorer(AutoTokenizer.from_pretrained(base.hf), args.threads)
+        runs.append((base.ggufs["F32"], base.hf, av, base.q4_1.parent / "types", toks))
+        model = "SmolLM2-135M-Instruct, style SFT vector"
+    else:
+        src = tm.llama_cpp_source(REPO / ".cache")
+        tok = tm.train_tokenizer(root / "tok")
+        for seed in range(args.seeds):
+            work = root / f"s{seed}"
+            b = tm.make_model(tm.llama_config(hidden=args.hidden, num_hidden_layers=args.layers), seed)
+            aligned = tm.perturbed(b, seed + 1000, scale=args.scale * math.sqrt(2 / math.pi))
+            base_dir, aligned_dir = tm.save(b, None, work / "base", tok), tm.save(b, aligned, work / "aligned", tok)
+            av = convert(base_dir, aligned_dir, work / "v.avec.gguf").path
+            runs.append((tm.hf_to_gguf(src, base_dir, work / "base-f32.gguf"), base_dir, av, work, None))
+        model = f"tiny Llama (hidden {args.hidden}, {args.layers} layers), Δ = {args.scale:.0%} of mean |w|"
+    sums: dict[tuple[str, float, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for f32, hf_dir, av, work, toks in runs:
+        work.mkdir(parents=True, exist_ok=True)
+        imat_tokens = toks if toks is not None else list(np.random.default_rng(0).integers(3, tm.VOCAB, 1024))
+        imatrix = make_imatrix(hf_dir, [int(t) for t in imat_tokens], work / "imatrix.dat")
+        for preset in presets:
+            imat = imatrix if preset in NEEDS_IMATRIX else None
+            t0 = time.perf_counter()
+            path = quantize_preset(f32, work / f"base-{preset}.gguf", preset, imat)
+            for lam in lambdas:
+                r = fidelity(path, {av: lam}, policies=policies, full_base=f32, tokens=toks, imatrix=imat,
+                             threads=args.threads)  # fmt: skip
+                assert r.anchor is not None
+                for m in [*r.rows, r.anchor]:
+                    d = sums[(preset, lam, m.label)]
+                    d["kept"].append(m.shift_kept)
+                    d["cos"].append(m.shift_cos)
+                    d["kl_vs_anchor"].append(m.kl / r.anchor.kl)
+                    d["size_ratio"].append(m.size_ratio)
+                    d["weight_kept"].append(m.weight_kept)
+                    d["weight_kept_min"].append(m.weight_kept_min)
+                    d["warned"].append(float(any("of the requested change" in w for w in m.warnings)))
+            log.info("%s: %.0f s", preset, time.perf_counter() - t0)
+    mean = {k: {f: float(np.mean(v)) for f, v in d.items()} for k, d in sums.items()}
+    print(f"{model}; {len(runs)} model(s); default policy {DEFAULT_POLICY}")
+    print(
+        f"{'base':8} {'λ':>4} {'policy':10} {'kept':>6} {'cosine':>7} {'xanchor':>8} {'size':>6} "
+        f"{'w.kept':>7} {'w.min':>6} warned"
+    )
+    for preset in presets:
+        for lam in lambdas:
+            for label in [*policies, "anchor"]:
+                m = mean[(preset, lam, label)]
+                print(
+                    f"{preset:8} {lam:4.1f} {label:10} {m['kept']:6.3f} {m['cos']:7.3f} {m['kl_vs_anchor']:8.2f} "
+                    f"{m['size_ratio']:5.2f}x {m['weight_kept']:7.3f} {m['weight_kept_min']:6.3f} "
+                    f"{'yes' if m['warned'] else 'no'}"
+                )
+
+    def row(preset: str, lam: float = 1.0, label: str = DEFAULT_POLICY) -> dict[str, Any]:
+        m = mean[(preset, lam, label)]
+        out: dict[str, Any] = {k: round(m[k], 4) for k in ("kept", "cos", "kl_vs_anchor", "size_ratio")}
+        out["warned"] = bool(m["warned"])
+        return out
+
+    table = {p: row(p) for p in presets}
+    goal = {p: table[p]["kept"] >= 0.5 and table[p]["kl_vs_anchor"] <= 1.2 for p in ("IQ4_XS", "IQ4_NL") if p in table}
+    result = {
+        "model": model,
+        "default_policy": DEFAULT_POLICY,
+        "lambda": 1.0,
+        "types": table,
+        "goal_iq4_kept_0.5_kl_1.2x": goal,
+        "same_size_l1": {
+            pol: {p: row(p, 1.0, pol) for p in presets if (p, 1.0, pol) in mean} for pol in ("calibrated", "dither")
+        },
+        "same_l1": {p: row(p, 1.0, "same") for p in presets if (p, 1.0, "same") in mean},
+        "figures": {
+            f"{p}/{lam}/{lab}": {k: round(x, 4) for k, x in mean[(p, lam, lab)].items()} for p, lam, lab in mean
+        },
+    }
+    tmp.cleanup()
+    print(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["synthetic", "smollm2"], default="synthetic")
     parser.add_argument("--policies", default=None, help="comma-separated; the JSON needs the default")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--types", nargs="?", const="all", default=None, help="every downloaded type (or a comma-separated few)"
+    )
+    parser.add_argument("--type-lambdas", default="1,0.3", help="--types: comma-separated λ (the JSON needs 1)")
+    parser.add_argument("--grids", action="store_true", help="weight-space kept share of every ggml type (fast)")
     synth = parser.add_argument_group("synthetic (tiny random Llamas)")
     synth.add_argument("--seeds", type=int, default=3, help="models to average over")
     synth.add_argument("--scale", type=float, default=0.02, help="Δ as a fraction of each tensor's mean |w|")
@@ -323,7 +551,12 @@ def main() -> None:
     smol.add_argument("--vector", action="append", default=[], help="another AV of this model to measure (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.model == "synthetic":
+    if args.grids:
+        grids(args)
+    elif args.types:
+        args.variants = ["F32"]
+        types(args)
+    elif args.model == "synthetic":
         args.policies = args.policies or ",".join(POLICIES)
         synthetic(args)
     else:

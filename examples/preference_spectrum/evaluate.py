@@ -1,6 +1,6 @@
 """The real model's preference accuracy over λ on four base files, with ``alignvec eval``, and the plots.
 
-    python examples/preference_spectrum/evaluate.py [--limit N] [--jobs 4]
+    python examples/preference_spectrum/evaluate.py [--limit N] [--jobs 4] [--bases F32 Q4_K_M] [--reuse]
 
 Needs ``build.py --model smollm2`` (``build/preference_spectrum_smollm2``). For each base, F32 (llama.cpp's
 converter on the float checkpoint), Q8_0 and Q4_K_M (llama.cpp's quantizer on that F32 file) and Q4_1 (the
@@ -38,12 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
     p.add_argument("--jobs", type=int, default=4, help="evals run at once (one llama.cpp thread each)")
     p.add_argument("--bases", nargs="+", default=list(BASES), choices=BASES)
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a base's eval.json already in --out when it has these λ (evaluate the missing bases only)",
+    )
     args = p.parse_args(argv)
     if not (args.build_dir / "heldout.json").is_file():
         sys.exit(f"evaluate.py: no build in {args.build_dir}; run build.py --model smollm2 first")
     vectors = [str(args.build_dir / f"{d}.avec.gguf") for d in DOMAINS]
     pending = []
     for kind in args.bases:
+        if args.reuse and _evaluated(args.out / f"eval-{kind}" / "eval.json", args.lambdas):
+            print(f"{kind}: reusing {args.out / f'eval-{kind}' / 'eval.json'}", flush=True)
+            continue
         cmd = [
             sys.executable,
             "-m",
@@ -73,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                 running.remove(entry)
         time.sleep(2)
     return summarize(args.out, args.bases, seconds)
+
+
+def _evaluated(path: Path, lambdas: list[float]) -> bool:
+    """Whether ``path`` is an eval.json over exactly these λ."""
+    try:
+        return [float(x) for x in json.loads(path.read_text(encoding="utf-8"))["eval"]["lambdas"]] == lambdas
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def summarize(out: Path, bases: list[str], seconds: dict[str, float] | None = None) -> int:

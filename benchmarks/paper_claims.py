@@ -21,7 +21,8 @@ anchor: its cost per answer against the merged model's.
   figure on the base the AVs were made from.
 
 Usage: python benchmarks/paper_claims.py [--model tiny|smollm2] [--build-dir DIR] [--grid -1 -0.5 0 0.5 1]
-[--limit N]. The last line is JSON.
+[--limit N] [--search-limit N] [--parts costs search transfer dera]. The last line is JSON. Answers are timed
+in CPU seconds of the process (one llama.cpp thread), merges and the search by the wall clock.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples" / "preference_spectrum"))
@@ -47,6 +49,9 @@ from alignvec_gguf.search import DEFAULT_GRID, search  # noqa: E402
 
 OPENERS = {"medical": "Clinically", "legal": "Legally", "financial": "Financially"}
 MAX_TOKENS = 96
+# Answers are timed in CPU seconds of this process (llama.cpp runs one thread here), so other jobs on the
+# machine do not distort the ratios; merges and searches are timed by the wall clock (what a user waits).
+CLOCK = time.process_time
 
 
 def answer_costs(model: Path, prompts: list[tuple[str, str]]) -> dict[str, float]:
@@ -58,9 +63,9 @@ def answer_costs(model: Path, prompts: list[tuple[str, str]]) -> dict[str, float
     for domain, prompt in prompts:
         n_prompt = len(llm.tokenize(prompt.encode(), add_bos=True))
         llm.reset()  # no prompt cache across answers: each answer pays for its own prompt
-        start = time.perf_counter()
+        start = CLOCK()
         out = llm.create_completion(prompt, max_tokens=MAX_TOKENS, temperature=0.0, seed=0)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(CLOCK() - start)
         tokens.append(n_prompt + int(out["usage"]["completion_tokens"]))  # type: ignore[index]
         expert += str(out["choices"][0]["text"]).strip().startswith(OPENERS[domain])  # type: ignore[index]
     llm.close()
@@ -104,9 +109,9 @@ DERA_LAMBDA = 0.5  # a point between the ends of the dial, where DeRa really nee
 def _chat(llm, messages: list[dict[str, str]]) -> tuple[int, int, float, str]:  # noqa: ANN001
     """(prompt tokens, generated tokens, seconds, text) of one greedy chat answer, no prompt cache."""
     llm.reset()
-    start = time.perf_counter()
+    start = CLOCK()
     out = llm.create_chat_completion(messages, max_tokens=MAX_TOKENS, temperature=0.0, seed=0)
-    seconds = time.perf_counter() - start
+    seconds = CLOCK() - start
     usage = out["usage"]
     return (
         int(usage["prompt_tokens"]),
@@ -147,13 +152,13 @@ def dera_costs(base: Path, aligned: Path, merged: Path, prompts: list[str], lam:
     """Seconds per greedy answer: DeRa (two models, logits mixed per token) against the merged model at λ."""
     from alignvec_gguf.cpu import new_llama
 
-    kwargs = dict(n_ctx=1024, verbose=False, seed=0, n_threads=1, n_threads_batch=1)
+    kwargs: dict[str, Any] = dict(n_ctx=1024, verbose=False, seed=0, n_threads=1, n_threads_batch=1)
     m0, m1, mm = new_llama(base, **kwargs), new_llama(aligned, **kwargs), new_llama(merged, **kwargs)
     eos = m0.token_eos()
     dera, single, agree = [], [], 0
     for text in prompts:
         prompt = m0.tokenize(text.encode(), add_bos=True, special=True)
-        start = time.perf_counter()
+        start = CLOCK()
         for m in (m0, m1):
             m.reset()
             m.eval(prompt)
@@ -166,9 +171,9 @@ def dera_costs(base: Path, aligned: Path, merged: Path, prompts: list[str], lam:
             tokens.append(tok)
             m0.eval([tok])
             m1.eval([tok])
-        dera.append((time.perf_counter() - start, len(tokens)))
+        dera.append((CLOCK() - start, len(tokens)))
         mm.reset()
-        start = time.perf_counter()
+        start = CLOCK()
         mm.eval(prompt)
         own: list[int] = []
         for _ in range(MAX_TOKENS):
@@ -177,7 +182,7 @@ def dera_costs(base: Path, aligned: Path, merged: Path, prompts: list[str], lam:
                 break
             own.append(tok)
             mm.eval([tok])
-        single.append((time.perf_counter() - start, len(own)))
+        single.append((CLOCK() - start, len(own)))
         agree += tokens[:16] == own[:16]
     for m in (m0, m1, mm):
         m.close()
@@ -190,8 +195,15 @@ def dera_costs(base: Path, aligned: Path, merged: Path, prompts: list[str], lam:
     }
 
 
+PARTS = ("costs", "search", "transfer", "dera")
+
+
 def smollm2_claims(args: argparse.Namespace) -> None:
-    """The claims on SmolLM2-135M (build.py --model smollm2), on the published Q4_1 file."""
+    """The claims on SmolLM2-135M (build.py --model smollm2), on the published Q4_1 file.
+
+    ``args.parts`` picks what to measure; the figures of the other parts are kept from an earlier run's
+    ``results/smollm2/paper_claims.json``, so one part can be measured again alone.
+    """
     from alignvec_gguf.eval import evaluate_dera, load_eval_set
 
     build = args.build_dir or ROOT / "build" / "preference_spectrum_smollm2"
@@ -207,94 +219,108 @@ def smollm2_claims(args: argparse.Namespace) -> None:
         keep = {id(it) for group in by_domain(items).values() for it in group[: args.limit]}
         pairs = [(r, it) for r, it in zip(records, items, strict=True) if id(it) in keep]
         records, items = [r for r, _ in pairs], [it for _, it in pairs]
-    instruction = stats["instructions"]["expert"]
-    timings: dict[str, float] = {}
+    out = ROOT / "examples" / "preference_spectrum" / "results" / "smollm2"
+    out_file = out / "paper_claims.json"
+    result: dict = json.loads(out_file.read_text(encoding="utf-8")) if out_file.is_file() else {}
+    result |= {"model": "SmolLM2-135M-Instruct (Q4_1 as published)", "clock": "answers: process CPU seconds"}
+    parts = set(args.parts or PARTS)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prompted = [[{"role": "system", "content": instruction}, {"role": "user", "content": r["question"]}]
-                    for r in records]  # fmt: skip
-        a = chat_costs(base, prompted)
-        parts, merge_seconds, merged = [], [], {}
+        merged = {}
         for domain, vector in vectors.items():
             merged[domain] = work / f"{domain}.gguf"
             start = time.perf_counter()
             merge(base, {vector: 1.0}, merged[domain])
-            merge_seconds.append(time.perf_counter() - start)
-            mine = [[{"role": "user", "content": r["question"]}] for r in records if r["domain"] == domain]
-            parts.append((len(mine), chat_costs(merged[domain], mine)))
-        n = sum(k for k, _ in parts)
-        b = {key: sum(k * part[key] for k, part in parts) / n for key in a}
+            result.setdefault("merge_seconds", {})[domain] = round(time.perf_counter() - start, 2)
+        if "costs" in parts:
+            instruction = stats["instructions"]["expert"]
+            prompted = [[{"role": "system", "content": instruction}, {"role": "user", "content": r["question"]}]
+                        for r in records]  # fmt: skip
+            a = chat_costs(base, prompted)
+            costs = []
+            for domain in vectors:
+                mine = [[{"role": "user", "content": r["question"]}] for r in records if r["domain"] == domain]
+                costs.append((len(mine), chat_costs(merged[domain], mine)))
+            n = sum(k for k, _ in costs)
+            b = {key: sum(k * part[key] for k, part in costs) / n for key in a}
+            print(
+                f"prompt engineering: {a['tokens_per_answer']:.1f} tokens ({a['prompt_tokens']:.0f} prompt), "
+                f"{a['seconds_per_answer']:.2f} CPU s per answer, {a['figure_share']:.2f} with a figure; AV at "
+                f"λ=1: {b['tokens_per_answer']:.1f} tokens ({b['prompt_tokens']:.0f} prompt), "
+                f"{b['seconds_per_answer']:.2f} CPU s, {b['figure_share']:.2f} with a figure "
+                f"(+ {statistics.mean(result['merge_seconds'].values()):.2f} s merge once per mix)"
+            )
+            result |= {
+                "prompt_vs_av_cost": round(a["tokens_per_answer"] / b["tokens_per_answer"], 3),
+                "prompt_vs_av_time": round(a["seconds_per_answer"] / b["seconds_per_answer"], 3),
+                "prompt_engineering": a,
+                "alignment_vector": b,
+                "questions_per_domain": len(records) // len(vectors),
+            }
+        if "dera" in parts:
+            half = work / "medical-half.gguf"
+            merge(base, {vectors["medical"]: DERA_LAMBDA}, half)
+            prompts = [r["prompt"] for r in records if r["domain"] == "medical"][:6]  # the chat template, rendered
+            dera = dera_costs(base, merged["medical"], half, prompts, DERA_LAMBDA)
+            print(
+                f"DeRa at λ={DERA_LAMBDA}: {dera['dera_seconds_per_answer']:.2f} CPU s per answer against "
+                f"{dera['merged_seconds_per_answer']:.2f} for the merged model "
+                f"({dera['dera_vs_merged_time_per_token']:.2f}x per token)"
+            )
+            curve = evaluate_dera(base, vectors, items, [-1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5])
+            result |= {
+                "dera": dera | {"lambda": DERA_LAMBDA, "questions": len(prompts)},
+                "dera_vs_merged_time_per_token": round(dera["dera_vs_merged_time_per_token"], 3),
+                "dera_curve": curve.to_json(),
+            }
+
+    if "search" in parts:
+        search_items = items
+        if args.search_limit:
+            search_items = [it for group in by_domain(items).values() for it in group[: args.search_limit]]
+        found = search(base, vectors, search_items, args.grid or SMOLLM2_GRID)
+        av_train = sum(stats["seconds"]["dpo"].values())
+        joint = stats["seconds"]["joint"]
+        n_mixes = len(found.combinations)
+        speedup = n_mixes * joint / (av_train + found.seconds)
         print(
-            f"prompt engineering: {a['tokens_per_answer']:.1f} tokens ({a['prompt_tokens']:.0f} prompt), "
-            f"{a['seconds_per_answer']:.2f} s per answer, {a['figure_share']:.2f} with a figure; AV at λ=1: "
-            f"{b['tokens_per_answer']:.1f} tokens ({b['prompt_tokens']:.0f} prompt), {b['seconds_per_answer']:.2f} s, "
-            f"{b['figure_share']:.2f} with a figure (+ {statistics.mean(merge_seconds):.2f} s merge once per mix)"
+            f"retrain: {joint:.0f} s per mix x {n_mixes} mixes; AVs: {av_train:.0f} s training (3 DPO runs) + "
+            f"{found.seconds:.0f} s search ({len(found.points)} merges, {found.reached}/{n_mixes} reached)"
         )
+        result |= {
+            "retrain_vs_av_speedup": round(speedup, 2),
+            "search_reached": found.reached,
+            "search_combinations": n_mixes,
+            "search_grid": found.grid,
+            "search_questions_per_domain": len(search_items) // len(vectors),
+            "search_seconds": round(found.seconds, 1),
+            "joint_retrain_seconds": round(joint, 1),
+            "av_training_seconds": round(av_train, 1),
+            "joint_mix_accuracy": stats.get("joint_accuracy"),
+            "joint_retrain_note": stats.get("joint_estimated", "measured"),
+            "search": found.to_json(),
+        }
 
-        half = work / "medical-half.gguf"
-        merge(base, {vectors["medical"]: DERA_LAMBDA}, half)
-        prompts = [r["prompt"] for r in records if r["domain"] == "medical"][:6]  # the chat template, rendered
-        dera = dera_costs(base, merged["medical"], half, prompts, DERA_LAMBDA)
+    if "transfer" in parts:
+        own = evaluate(build / "base.Q4_K_M.gguf", vectors, items, [1.0])
+        moved = evaluate(build / "stage2.Q4_K_M.gguf", vectors, items, [0.0, 1.0])
+        own_expert = statistics.mean(own.expert_share(d, 1.0) for d in own.curves)
+        stage2_expert = statistics.mean(moved.expert_share(d, 1.0) for d in moved.curves)
+        stage2_base = statistics.mean(moved.expert_share(d, 0.0) for d in moved.curves)
         print(
-            f"DeRa at λ={DERA_LAMBDA}: {dera['dera_seconds_per_answer']:.2f} s per answer against "
-            f"{dera['merged_seconds_per_answer']:.2f} s for the merged model "
-            f"({dera['dera_vs_merged_time_per_token']:.2f}x per token)"
+            f"transfer: expert share at λ=1 {stage2_expert:.2f} on stage 2 (λ=0: {stage2_base:.2f}), "
+            f"{own_expert:.2f} on its own base (Q4_K_M both)"
         )
+        result |= {
+            "transfer_accuracy": round(stage2_expert, 3),
+            "transfer_own_base_accuracy": round(own_expert, 3),
+            "transfer_stage2_lambda0_expert": round(stage2_base, 3),
+        }
 
-    search_items = items
-    if args.search_limit:
-        search_items = [it for group in by_domain(items).values() for it in group[: args.search_limit]]
-    found = search(base, vectors, search_items, args.grid or SMOLLM2_GRID)
-    av_train = sum(stats["seconds"]["dpo"].values())
-    joint = stats["seconds"]["joint"]
-    n_mixes = len(found.combinations)
-    speedup = n_mixes * joint / (av_train + found.seconds)
-    print(
-        f"retrain: {joint:.0f} s per mix x {n_mixes} mixes; AVs: {av_train:.0f} s training (3 DPO runs) + "
-        f"{found.seconds:.0f} s search ({len(found.points)} merges, {found.reached}/{n_mixes} reached)"
-    )
-
-    start = time.perf_counter()
-    own = evaluate(build / "base.Q4_K_M.gguf", vectors, items, [1.0])
-    moved = evaluate(build / "stage2.Q4_K_M.gguf", vectors, items, [0.0, 1.0])
-    timings["transfer_eval"] = time.perf_counter() - start
-    dera_curve = evaluate_dera(base, vectors, items, [-1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5])
-    own_expert = statistics.mean(own.expert_share(d, 1.0) for d in own.curves)
-    stage2_expert = statistics.mean(moved.expert_share(d, 1.0) for d in moved.curves)
-    stage2_base = statistics.mean(moved.expert_share(d, 0.0) for d in moved.curves)
-    print(
-        f"transfer: expert share at λ=1 {stage2_expert:.2f} on stage 2 (λ=0: {stage2_base:.2f}), "
-        f"{own_expert:.2f} on its own base (Q4_K_M both)"
-    )
-    result = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 as published)",
-        "prompt_vs_av_cost": round(a["tokens_per_answer"] / b["tokens_per_answer"], 3),
-        "prompt_vs_av_time": round(a["seconds_per_answer"] / b["seconds_per_answer"], 3),
-        "retrain_vs_av_speedup": round(speedup, 2),
-        "transfer_accuracy": round(stage2_expert, 3),
-        "transfer_own_base_accuracy": round(own_expert, 3),
-        "transfer_stage2_lambda0_expert": round(stage2_base, 3),
-        "search_reached": found.reached,
-        "search_combinations": n_mixes,
-        "search_grid": found.grid,
-        "search_questions_per_domain": len(search_items) // len(vectors),
-        "search_seconds": round(found.seconds, 1),
-        "joint_retrain_seconds": round(joint, 1),
-        "av_training_seconds": round(av_train, 1),
-        "joint_mix_accuracy": stats.get("joint_accuracy"),
-        "joint_retrain_note": stats.get("joint_estimated", "measured"),
-        "prompt_engineering": a,
-        "alignment_vector": b,
-        "dera": dera,
-        "dera_curve": dera_curve.to_json(),
-        "search": found.to_json(),
-    }
-    out = ROOT / "examples" / "preference_spectrum" / "results" / "smollm2"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "paper_claims.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", "utf-8")
-    summary = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    print(json.dumps(summary | {"dera_vs_merged_time_per_token": round(dera["dera_vs_merged_time_per_token"], 3)}))
+    out_file.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", "utf-8")
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
 
 
 def main() -> None:
@@ -304,6 +330,13 @@ def main() -> None:
     parser.add_argument("--grid", type=float, nargs="+", default=None, help="λ grid of the search")
     parser.add_argument("--limit", type=int, default=None, help="first N held-out questions per domain (quick runs)")
     parser.add_argument("--search-limit", type=int, default=None, help="questions per domain in the search (smollm2)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=None,
+        help="smollm2: measure only these parts",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.model == "smollm2":

@@ -86,6 +86,51 @@ def test_logits_match_the_merged_model(llama_pair, lowrank_pair, tmp_path):
             assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
 
 
+def test_adapter_type_gives_the_merge_of_factors_stored_in_that_type(llama_pair, lowrank_pair, tmp_path):
+    """adapter_type="q8_0" on an F32 file: llama.cpp gets Q8_0 factors, and the live model is the merge of the
+    converter's own Q8_0 file of the same vector, up to the rounding of the activations that ggml's Q8_0
+    kernels add (so not token for token, unlike F32 factors): the knob's shift of the logits is kept."""
+    from gguf import GGMLQuantizationType as QT
+
+    from alignvec_gguf import AlignmentVector
+    from converters import convert
+
+    q8 = tmp_path / "medical.q8.avec.gguf"
+    convert(llama_pair.base_dir, lowrank_pair.aligned_dir, q8, name="medical", domain="medical", rank=16, dtype="q8_0")
+    f32_av, q8_av = AlignmentVector(lowrank_pair.lowrank_av), AlignmentVector(q8)
+    assert {f32_av.storage_type(n) for n in f32_av.names} == {QT.F32}
+    assert QT.Q8_0 in {q8_av.storage_type(n) for n in q8_av.names}
+    tokens, lam = [1, 5, 17, 42, 99, 200, 7, 3], 1.5
+
+    def scores(llm: Llama) -> np.ndarray:
+        llm.reset()
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+    kwargs = {"n_ctx": 64, "n_threads_batch": 1, "logits_all": True}
+    got: dict[str, np.ndarray] = {}
+    for key, av, adapter_type in (
+        ("restored", lowrank_pair.lowrank_av, "q8_0"),
+        ("q8_file", q8, None),
+        ("f32", lowrank_pair.lowrank_av, None),
+    ):
+        with LiveModel(llama_pair.base_gguf, {"m": av}, adapter_type=adapter_type, **kwargs) as live:
+            with live.using({"m": lam}) as llm:
+                got[key] = scores(llm)
+            with live.using({}) as llm:
+                base = scores(llm)
+    merged = new_llama(merge(llama_pair.base_gguf, {q8: lam}, tmp_path / "m.gguf").path, verbose=False, **kwargs)
+    want = scores(merged)
+    merged.close()
+    shift = np.abs(want - base).max()
+    assert shift > 0.05 * np.abs(want).max()  # the knob moves the logits
+    assert np.abs(got["restored"] - want).max() <= 0.05 * shift
+    # llama.cpp got the Q8_0 file's factors, not the F32 ones (which differ from them by their rounding)
+    assert np.abs(got["restored"] - got["q8_file"]).max() < 0.1 * np.abs(got["f32"] - got["q8_file"]).max()
+    with pytest.raises(InputError, match="adapter_type"):
+        LiveModel(llama_pair.base_gguf, [lowrank_pair.lowrank_av], adapter_type="q4_k")
+
+
 def test_concurrent_threads_are_serialized_and_each_gets_its_lambda(live):
     lambdas = [1.5, -1.0, 0.5, 0.0, -2.0, 1.0]
     sequential = {lam: live.generate(PROMPTS[0], alignment={"medical": lam}, max_tokens=12) for lam in lambdas}

@@ -3,7 +3,8 @@
 The base is the random Llama with TinyLlama's shape (hidden 2048, 22 layers, GQA 32/4, FFN 5632, ~1.1B
 parameters) quantized by llama.cpp to Q4_K_M, the same model as ``benchmarks/cpu.py --size 1b`` (cached
 under ~/.cache/alignvec/bench). Three random rank-32 vectors on every block matrix (|BA| about 3% of
-|W|), at λ = (1, 0.5, -0.5). Measured in one run, interleaved rounds, best of each:
+|W|), at λ = (1, 0.5, -0.5); the vectors and the merged models are seeded and kept under
+~/.cache/alignvec/bench/live-1b. Measured in one run, interleaved rounds, best of each:
 
   live_tokens_per_s_vs_merged       {"1": ..., "3": ...}: ``LiveModel`` with one / three AVs over the same
                                     AVs merged into the base (``requant="same"``: the base's own types, so
@@ -14,8 +15,9 @@ under ~/.cache/alignvec/bench). Three random rank-32 vectors on every block matr
                                     live path could gain
   llamacpp_lora_tokens_per_s_vs_merged  {"1": ..., "3": ...}: llama.cpp's own path, llama-server with the
                                     same adapters (``--lora ... --lora-init-without-apply``, per-request
-                                    ``"lora"`` scales) over llama-server on the merged files, by the
-                                    server's own timings (wall clock)
+                                    ``"lora"`` scales) over llama-server on the merged files, tokens
+                                    per CPU second of the server process (a request for n + 1 tokens
+                                    less one for 1 token: n decode steps); ``wall``: by its own timings
   knob_switch_ms                    a request at a new λ (prompt, 1 token): live with one and three AVs,
                                     llama-server with its adapter, loading the merged model from the
                                     cache, merging it first (default policy); and the same request at an
@@ -113,6 +115,7 @@ class Servers:
         self.bindir, self.threads, self.root = bindir, ["-t", str(threads), "-tb", str(threads)], root
         self.stack = contextlib.ExitStack()
         self.urls: dict[str, str] = {}
+        self.procs: dict[str, Any] = {}
 
     def start(self, name: str, model: Path, loras: list[Path]) -> None:
         port = free_port()
@@ -123,8 +126,14 @@ class Servers:
         if loras:
             cmd.append("--lora-init-without-apply")
         url = f"http://127.0.0.1:{port}"
-        self.stack.enter_context(process(cmd, f"{url}/health", self.root / f"llama-server-{name}.log", timeout=300))
+        log = self.root / f"llama-server-{name}.log"
+        self.procs[name] = self.stack.enter_context(process(cmd, f"{url}/health", log, timeout=300))
         self.urls[name] = url
+
+    def cpu_seconds(self, name: str) -> float:
+        """User + system CPU time of that server process so far (all its threads)."""
+        fields = Path(f"/proc/{self.procs[name].pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         self.stack.close()
@@ -137,13 +146,22 @@ class Servers:
             )
         return dict(out)
 
-    def decode_tokens_per_s(self, name: str, prompt: list[int], n: int, lambdas: tuple[float, ...] = ()) -> float:
-        body: dict[str, Any] = {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1, "ignore_eos": True}
+    def decode_tokens_per_s(
+        self, name: str, prompt: list[int], n: int, lambdas: tuple[float, ...] = ()
+    ) -> tuple[float, float]:
+        """Decode speed over ``n`` tokens: per CPU second of the server (a request for n + 1 tokens less one
+        for 1, which leaves n decode steps), and per wall second by the server's own timings."""
+        body: dict[str, Any] = {"prompt": prompt, "temperature": 0, "top_k": 1, "ignore_eos": True}
         body["cache_prompt"] = False
         if lambdas:
             body["lora"] = [{"id": i, "scale": lam} for i, lam in enumerate(lambdas)]
-        timings = self.completion(name, body)["timings"]
-        return float(timings["predicted_n"]) / (float(timings["predicted_ms"]) / 1000)
+        c0 = self.cpu_seconds(name)
+        self.completion(name, {**body, "n_predict": 1})
+        c1 = self.cpu_seconds(name)
+        timings = self.completion(name, {**body, "n_predict": n + 1})["timings"]
+        c2 = self.cpu_seconds(name)
+        cpu = (c2 - c1) - (c1 - c0)
+        return n / cpu, float(timings["predicted_n"] - 1) / (float(timings["predicted_ms"]) / 1000)
 
     def request(self, name: str, lambdas: tuple[float, ...], cache_prompt: bool = True) -> None:
         body = {"prompt": PROMPT, "n_predict": 1, "temperature": 0, "cache_prompt": cache_prompt}
@@ -158,17 +176,23 @@ def main(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="alignvec-live1b-"))
     t0 = time.perf_counter()
     base = cpu_bench.build(Path(args.workdir), "1b")["Q4_K_M"]
+    models = Path(args.workdir) / "live-1b"  # the vectors and merges below are seeded: built once, kept
+    models.mkdir(parents=True, exist_ok=True)
     dims = synthetic.SHAPES["1b"]
-    avs = {dtype: [root / f"v{i + 1}-{dtype}.avec.gguf" for i in range(3)] for dtype in ("f32", "f16", "q8_0")}
+    avs = {dtype: [models / f"v{i + 1}-{dtype}.avec.gguf" for i in range(3)] for dtype in ("f32", "f16", "q8_0")}
     for dtype, paths in avs.items():
-        synthetic.write_lowrank_avs(paths, base, dims, rank=RANK, dtype=dtype)
-    folded = root / "folded.avec.gguf"
-    write_folded(folded, avs["f32"], LAMBDAS, base)
+        if not all(p.is_file() for p in paths):
+            synthetic.write_lowrank_avs(paths, base, dims, rank=RANK, dtype=dtype)
+    folded = models / "folded.avec.gguf"
+    if not folded.is_file():
+        write_folded(folded, avs["f32"], LAMBDAS, base)
     one, three = avs["f32"][:1], avs["f32"]
     mix1: dict[Any, float] = {one[0]: LAMBDAS[0]}
     mix3: dict[Any, float] = dict(zip(three, LAMBDAS, strict=True))
-    merged1 = merge(base, mix1, root / "merged1.gguf", requant="same").path
-    merged3 = merge(base, mix3, root / "merged3.gguf", requant="same").path
+    merged1, merged3 = models / "merged1.gguf", models / "merged3.gguf"
+    for path, mix in ((merged1, mix1), (merged3, mix3)):
+        if not path.is_file():
+            merge(base, mix, path, requant="same")
     print(
         f"1.1B Q4_K_M base {base.stat().st_size / 2**20:.0f} MiB, three rank-{RANK} AVs "
         f"({one[0].stat().st_size / 2**20:.0f} MiB each in F32) and their merges in {time.perf_counter() - t0:.0f} s"
@@ -206,7 +230,7 @@ def main(args: argparse.Namespace) -> None:
 
     prompt = [1, 5, 17, 42, 99, 200, 7, 3]
     speeds: dict[str, list[tuple[float, float]]] = {}
-    server_speeds: dict[str, list[float]] = {}
+    server_speeds: dict[str, list[tuple[float, float]]] = {}
     for _ in range(args.rounds):  # interleaved, so that a busy moment does not hit one side only
         for key, llm in plain.items():
             speeds.setdefault(key, []).append(tokens_per_s(llm, prompt, args.tokens))
@@ -230,16 +254,20 @@ def main(args: argparse.Namespace) -> None:
     print("three AVs by storage, against merged: " + ", ".join(f"{k} x{v:.3f}" for k, v in by_storage.items()))
     anchor: dict[str, Any] = {"status": server_note}
     if servers is not None:
-        bs = {k: max(v) for k, v in server_speeds.items()}
+        bs = {k: max(c for c, _ in v) for k, v in server_speeds.items()}
+        bw = {k: max(w for _, w in v) for k, v in server_speeds.items()}
         anchor = {
             "1": round(bs["lora1"] / bs["merged1"], 4),
             "3": round(bs["lora3"] / bs["merged3"], 4),
+            "wall": {"1": round(bw["lora1"] / bw["merged1"], 4), "3": round(bw["lora3"] / bw["merged3"], 4)},
             "tokens_per_s": {k: round(v, 1) for k, v in bs.items()},
+            "tokens_per_s_wall": {k: round(v, 1) for k, v in bw.items()},
         }
         print(
-            f"llama-server: one adapter {bs['lora1']:.1f} against merged {bs['merged1']:.1f} tokens/s "
-            f"(x{anchor['1']:.3f}), three {bs['lora3']:.1f} against {bs['merged3']:.1f} (x{anchor['3']:.3f}); "
-            f"alignvec's live by the same wall clock x{ratio_wall['1']:.3f} / x{ratio_wall['3']:.3f}"
+            f"llama-server, tokens per CPU second of the server: one adapter {bs['lora1']:.1f} against merged "
+            f"{bs['merged1']:.1f} (x{anchor['1']:.3f}), three {bs['lora3']:.1f} against {bs['merged3']:.1f} "
+            f"(x{anchor['3']:.3f}); by its own wall-clock timings x{bw['lora1'] / bw['merged1']:.3f} / "
+            f"x{bw['lora3'] / bw['merged3']:.3f}"
         )
 
     # --- turning the knob: a request at a new λ ------------------------------------------------------

@@ -623,7 +623,9 @@ def _kept_warning(report: MergeReport) -> str | None:
     types = sorted({report.touched[n][1].name for n in low})
     bases = {report.touched[n][0] for n in low}
     if not report.policy.startswith("unbiased"):
-        better = "--requant unbiased keeps it at about the same size (--requant hifi at a larger file)"
+        better = "--requant unbiased keeps it at about the same size"
+        if report.policy.split(":")[0] in ("same", "grid", "calibrated", "dither"):  # hifi: the larger file already
+            better += " (--requant hifi at a larger file)"
     elif bases <= GRID_TYPES | _HIFI_KEEP:
         better = "--requant hifi or q8_0 keeps more at a larger file"
     else:

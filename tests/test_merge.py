@@ -413,3 +413,27 @@ def test_a_plain_merge_records_what_it_read_and_refuses_an_edited_vector(llama_p
     for t in sorted(reader.tensors, key=lambda t: t.data_offset):
         content.update(np.ascontiguousarray(t.data).tobytes())
     assert field(GGUFReader(report.path), "alignvec.merged.vector_sha256") == [content.hexdigest()]
+
+
+@pytest.mark.parametrize(
+    ("policy", "advice"),
+    [
+        ("calibrated", "--requant unbiased keeps it at about the same size (--requant hifi at a larger file)"),
+        ("hifi", "--requant unbiased keeps it at about the same size;"),
+        ("unbiased", "--requant hifi or q8_0 keeps more at a larger file"),
+    ],
+)
+def test_kept_share_warning_advises_a_policy_other_than_the_one_used(policy, advice):
+    from types import SimpleNamespace
+
+    from alignvec_gguf.merge import Kept, _kept_warning
+
+    report = SimpleNamespace(
+        kept={"blk.0.attn_v.weight": Kept(0.4, 1.0), "blk.0.attn_q.weight": Kept(1.0, 1.0)},
+        touched={"blk.0.attn_v.weight": (QT.Q8_0, QT.Q8_0), "blk.0.attn_q.weight": (QT.Q4_K, QT.Q4_K)},
+        policy=policy,
+        kept_share=0.7,
+    )
+    line = _kept_warning(report)  # type: ignore[arg-type]
+    assert line is not None and "1 of 2 touched tensors (Q8_0) kept only 40%-40%" in line and advice in line
+    assert f"--requant {policy}" not in line.split("erased): ")[1]  # never advises the policy that erased it

@@ -554,11 +554,21 @@ class MergePlan:
                 contributions.setdefault(name, []).append((av, lam))
         self.notes: set[str] = set()
         self.jobs: dict[str, _Job] = {}
+        self.inputs = [
+            *self.model.paths,
+            *(av.path for av, _ in self.vectors),
+            *(full.paths if full is not None else []),
+        ]
         unbiased = self.policy.name.startswith("unbiased")
+        sampled = 0  # bytes of the base the choices below have paged in (their vectors' pages come with them)
         for t in self.model.tensors:
             parts = contributions.get(t.name)
             if not parts:
                 continue
+            if sampled >= _RELEASE_EVERY:  # the planning pass samples every touched tensor: keep its pages bounded
+                pages.release(self.inputs)
+                sampled = 0
+            sampled += t.n_bytes
             imat_rows = imat.for_tensor(t.name, t.shape) if imat is not None and len(t.shape) > 1 else None
             # unbiased on a type without a grid rounding (codebooks, ternary): hifi's finer type, dithered there
             no_grid = unbiased and len(t.shape) > 1 and t.tensor_type in NO_GRID_TYPES
@@ -588,11 +598,7 @@ class MergePlan:
                     finer = target_type(t.tensor_type, t.shape, Policy("hifi", None), False, self.notes)
                     job = replace(job, qtype=finer, regrid=finer in GRID_TYPES)
             self.jobs[t.name] = job
-        self.inputs = [
-            *self.model.paths,
-            *(av.path for av, _ in self.vectors),
-            *(full.paths if full is not None else []),
-        ]
+        pages.release(self.inputs)
 
     def qtype(self, name: str) -> QT:
         """The type tensor ``name`` is written as."""

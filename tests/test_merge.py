@@ -361,6 +361,35 @@ def test_inputs_leave_the_resident_set(quantized_bases):
     assert released >= reader.data.nbytes * 0.9 or not pages._libc()
 
 
+def _resident(path) -> int:
+    """Bytes of ``path``'s mappings resident in this process (/proc/self/smaps)."""
+    import os
+
+    real, total, inside = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+                inside = len(head) >= 6 and head[5] == real
+            elif inside and head and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+def test_the_plan_leaves_no_pages_of_its_inputs_resident(llama_pair, quantized_bases):
+    """Choosing types samples every touched tensor (unbiased's noise, hifi's check): a 7B plan paged in GBs."""
+    from alignvec_gguf import pages
+    from alignvec_gguf.merge import MergePlan
+
+    if not pages._libc():
+        pytest.skip("no libc madvise here")
+    base = quantized_bases["Q4_K_M"]
+    plan = MergePlan(base, {llama_pair.av: 0.5})
+    assert plan.jobs and any(t.n_bytes for t in plan.model.tensors)
+    resident = _resident(base) + _resident(llama_pair.av)
+    assert resident <= 64 << 10, f"{resident} bytes of the inputs still resident after planning"
+
+
 def test_merge_never_writes_over_its_inputs(llama_pair, quantized_bases, tmp_path):
     import shutil
 

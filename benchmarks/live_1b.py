@@ -47,6 +47,7 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 import llamatools  # noqa: E402
 import synthetic  # noqa: E402
+from live import timed, tokens_per_s  # noqa: E402  (benchmarks/live.py: the same measurements at 48M)
 from loopback import free_port, http, process, tail  # noqa: E402
 
 from alignvec_gguf import cached_merge, merge  # noqa: E402
@@ -56,30 +57,6 @@ from alignvec_gguf.live import LiveModel  # noqa: E402
 RANK = 32
 LAMBDAS = (1.0, 0.5, -0.5)
 PROMPT = "the patient reports a persistent headache and"
-
-
-def tokens_per_s(llm: Any, prompt: list[int], n: int) -> tuple[float, float]:
-    """Greedy decode speed over exactly ``n`` tokens: per CPU second of this process, per wall second."""
-    llm.reset()
-    gen = llm.generate(prompt, temp=0.0)
-    next(gen)  # the prompt is evaluated before the first token: not decode speed
-    cpu, wall = time.process_time(), time.perf_counter()
-    for i, _tok in enumerate(gen):
-        if i + 1 == n:
-            break
-    speed = n / (time.process_time() - cpu), n / (time.perf_counter() - wall)
-    gen.close()
-    return speed
-
-
-def timed(fn: Any, repeats: int) -> float:
-    """Best wall time of ``fn`` over ``repeats`` calls, in ms (on a shared machine the best is the work itself)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return min(times)
 
 
 def read_pairs(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

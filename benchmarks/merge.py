@@ -50,35 +50,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # llamatools: llama.cpp's own tools, built once from the pinned sdist
+sys.path.insert(0, str(REPO / "benchmarks"))  # synthetic: the Llama shapes, shared with merge_7b and live_1b
 
-SIZES = {
-    "full": dict(hidden=2048, inter=5632, layers=22, heads=32, kv_heads=4, vocab=32000),
-    "quick": dict(hidden=768, inter=2048, layers=6, heads=12, kv_heads=4, vocab=32000),
-}
+from synthetic import SHAPES, tensor_specs  # noqa: E402
+
+SIZES = {"full": SHAPES["1b"], "quick": SHAPES["90m"]}
 DECODE_TOKENS = 32
 LORA_RANK = 32
 
 
 # --- building the model, the vectors ---------------------------------------------------------------
-
-
-def tensor_specs(d: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
-    h, kv = d["hidden"], d["hidden"] // d["heads"] * d["kv_heads"]
-    specs: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (d["vocab"], h))]
-    for i in range(d["layers"]):
-        b = f"blk.{i}."
-        specs += [
-            (b + "attn_norm.weight", (h,)),
-            (b + "attn_q.weight", (h, h)),
-            (b + "attn_k.weight", (kv, h)),
-            (b + "attn_v.weight", (kv, h)),
-            (b + "attn_output.weight", (h, h)),
-            (b + "ffn_norm.weight", (h,)),
-            (b + "ffn_gate.weight", (d["inter"], h)),
-            (b + "ffn_up.weight", (d["inter"], h)),
-            (b + "ffn_down.weight", (h, d["inter"])),
-        ]
-    return specs + [("output_norm.weight", (h,)), ("output.weight", (d["vocab"], h))]
 
 
 def _weights(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

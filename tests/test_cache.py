@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tinymodels as tm
 from gguf import GGUFReader
 
 from alignvec_gguf import AlignmentVector
@@ -146,14 +147,7 @@ def test_a_vector_edited_after_writing_is_refused_not_recorded(llama_pair, tmp_p
     """Its recorded content digest no longer matches its tensors: a merged model would carry a false provenance."""
     from alignvec_gguf.errors import FormatError
 
-    edited = tmp_path / "edited.avec.gguf"
-    shutil.copy(llama_pair.av, edited)
-    last = max(GGUFReader(edited).tensors, key=lambda t: t.data_offset)
-    with open(edited, "r+b") as f:  # the lowest mantissa bit of one float32: still finite, still plausible
-        f.seek(int(last.data_offset))
-        byte = f.read(1)
-        f.seek(int(last.data_offset))
-        f.write(bytes([byte[0] ^ 1]))
+    edited = tm.edited_copy(llama_pair.av, tmp_path / "edited.avec.gguf")
     cache = MergeCache(tmp_path / "cache")
     with pytest.raises(FormatError, match="tensors changed after it was written") as e:
         cache.get(llama_pair.base_gguf, {edited: 0.5})

@@ -420,18 +420,9 @@ def test_content_digest_of_vectors_without_one(tmp_path):
 def test_a_plain_merge_records_what_it_read_and_refuses_an_edited_vector(llama_pair, quantized_bases, tmp_path):
     """Not only the cache: merge() itself reads each vector whole beside the merge, so a vector whose tensors
     changed after writing (its recorded content digest is stale) is a one-line FormatError and nothing is written."""
-    import shutil
-
     from alignvec_gguf.errors import FormatError
 
-    edited = tmp_path / "edited.avec.gguf"
-    shutil.copy(llama_pair.av, edited)
-    last = max(GGUFReader(edited).tensors, key=lambda t: t.data_offset)
-    with open(edited, "r+b") as f:  # the lowest mantissa bit of one float32: still finite, still plausible
-        f.seek(int(last.data_offset))
-        byte = f.read(1)
-        f.seek(int(last.data_offset))
-        f.write(bytes([byte[0] ^ 1]))
+    edited = tm.edited_copy(llama_pair.av, tmp_path / "edited.avec.gguf")
     out = tmp_path / "m.gguf"
     with pytest.raises(FormatError, match="tensors changed after it was written") as e:
         merge(quantized_bases["Q8_0"], {edited: 0.5}, out)

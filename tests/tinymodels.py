@@ -404,3 +404,20 @@ def load_fuzz():  # noqa: ANN201
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def edited_copy(src: Path, dst: Path) -> Path:
+    """A copy of the GGUF ``src`` with the lowest bit of its last tensor's first byte flipped (a float32's mantissa:
+    still finite, still plausible), so only a content digest can tell it from the original."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    shutil.copy(src, dst)
+    last = max(GGUFReader(dst).tensors, key=lambda t: t.data_offset)
+    with open(dst, "r+b") as f:
+        f.seek(int(last.data_offset))
+        byte = f.read(1)
+        f.seek(int(last.data_offset))
+        f.write(bytes([byte[0] ^ 1]))
+    return dst

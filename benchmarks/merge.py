@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # llamatools: llama.cpp's own tools, built once from the pinned sdist
 sys.path.insert(0, str(REPO / "benchmarks"))  # synthetic: the Llama shapes, shared with merge_7b and live_1b
 
-from synthetic import SHAPES, tensor_specs  # noqa: E402
+from synthetic import SHAPES, llama_writer, tensor_specs  # noqa: E402
 
 SIZES = {"full": SHAPES["1b"], "quick": SHAPES["90m"]}
 DECODE_TOKENS = 32
@@ -70,29 +70,7 @@ def _weights(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.
 
 def write_base(path: Path, d: dict[str, int], seed: int = 0) -> int:
     """A random Llama as an F32 GGUF that llama.cpp loads, streamed tensor by tensor; returns its parameters."""
-    from gguf import GGUFWriter, TokenType
-
-    w = GGUFWriter(path, "llama")
-    w.add_name("alignvec-bench")
-    w.add_context_length(2048)
-    w.add_embedding_length(d["hidden"])
-    w.add_block_count(d["layers"])
-    w.add_feed_forward_length(d["inter"])
-    w.add_head_count(d["heads"])
-    w.add_head_count_kv(d["kv_heads"])
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(d["hidden"] // d["heads"])
-    w.add_file_type(0)
-    w.add_tokenizer_model("llama")
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tokens += [f"▁t{i}" for i in range(d["vocab"] - len(tokens))]
-    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
-    types += [TokenType.NORMAL] * (d["vocab"] - len(types))
-    w.add_token_list(tokens)
-    w.add_token_scores([-float(i) for i in range(d["vocab"])])
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w = llama_writer(path, d, 0)  # all F32
     specs = tensor_specs(d)
     for name, shape in specs:
         w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)

@@ -459,6 +459,9 @@ def scratch(key: str, n: int, dtype: type[np.generic]) -> np.ndarray:
     return buf[:n]
 
 
+_F32_MAX = np.float32(np.finfo(np.float32).max)
+
+
 def _in_steps(
     codec: Codec, blocks: np.ndarray, shift: np.ndarray, reuse: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -468,9 +471,13 @@ def _in_steps(
         raise FormatError(f"its {codec.qtype.name} block scales hold NaN: the file is corrupt")
     n, g = step.shape
     inv = np.zeros_like(step)
-    np.divide(np.float32(1), step, out=inv, where=step != 0)
     x = scratch("x", shift.size, np.float32) if reuse else np.empty(shift.size, np.float32)
-    with np.errstate(over="ignore"):  # a shift of more than float32's steps is clipped to _FAR anyway
+    # a shift of more than float32's steps is clipped to _FAR below; a step too small to invert (an E8M0 scale
+    # of 2^-128) gets the largest finite inverse, so that a change there leaves the grid (the block is quantized
+    # afresh) and no change stays 0, never NaN
+    with np.errstate(over="ignore"):
+        np.divide(np.float32(1), step, out=inv, where=step != 0)
+        np.clip(inv, -_F32_MAX, _F32_MAX, out=inv)
         np.multiply(shift.reshape(n, g, -1), inv[:, :, None], out=x.reshape(n, g, -1))
     x = x.reshape(n, -1)
     if codec.levels is None:

@@ -466,3 +466,18 @@ def test_default_policy_keeps_the_change_on_every_type(llama_pair, typed_bases, 
         assert any(w.startswith(f"{qtype.name} has no grid rounding") for w in report.warnings)
     truth = _kept_shares(base, report.path, AlignmentVector(llama_pair.av), 0.2)
     assert min(truth.values()) >= merge_mod.KEPT_SHARE_WARN - 0.03
+
+
+def test_a_scale_too_small_to_invert_sends_a_changed_block_to_a_fresh_quantization(recwarn):
+    """MXFP4's E8M0 scale reaches 2^-128, whose inverse overflows float32: a change there must leave the grid
+    (the merge quantizes the block afresh), an unchanged block must stay as it is, and nothing may warn."""
+    blocks = np.zeros((2, 17), np.uint8)
+    blocks[0, 0], blocks[1, 0] = 0, 1  # E8M0 codes: 2^-128 and 2^-127 (halved, as ggml stores them)
+    blocks[:, 1:] = 0x21
+    shift = np.full(64, 0.5, np.float32)
+    shift[:3] = 0
+    out, refresh = requant.requantize_on_grid(blocks.reshape(-1), QT.MXFP4, shift, "nearest")
+    assert refresh.tolist() == [True, True]
+    out, refresh = requant.requantize_on_grid(blocks.reshape(-1), QT.MXFP4, np.zeros(64, np.float32), "nearest")
+    assert refresh.tolist() == [False, False] and out.tobytes() == blocks.tobytes()
+    assert not [w for w in recwarn.list if issubclass(w.category, RuntimeWarning)]

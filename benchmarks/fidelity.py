@@ -456,6 +456,62 @@ def quantize_preset(f32: Path, out: Path, preset: str, imatrix: Path | None) -> 
     return out
 
 
+def lowrank(args: argparse.Namespace) -> None:
+    """The low-rank form of the real style vector against its full form: size, Frobenius error, KL, style.
+
+    Each form (``--ranks``, and ``--energy``) is converted from the same fine-tune (cached beside the full
+    vector), merged at λ = 1 into the F32 base exactly (``--requant f32``) and, with the default policy, into
+    the Q4_K_M base; KL is against the full form's exact merge on the same tokens, the style margin and
+    accuracy on the held-out questions.
+    """
+    from transformers import AutoTokenizer
+
+    from alignvec_gguf import AlignmentVector, merge
+    from alignvec_gguf.fidelity import kl_divergence, model_logits
+
+    args.variants = ["Q4_K_M"]
+    base, full = style_vector(args)
+    score, tokens = style_scorer(AutoTokenizer.from_pretrained(base.hf), args.threads)
+    aligned = full.parent / "aligned"
+    forms: list[tuple[str, Path, dict[str, Any]]] = [("full", full, {})]
+    for rank in [int(r) for r in args.ranks.split(",") if r]:
+        forms.append((f"rank {rank}", full.parent / f"style.r{rank}.avec.gguf", {"rank": rank}))
+    if args.energy:
+        forms.append(
+            (f"energy {args.energy:g}", full.parent / f"style.e{args.energy:g}.avec.gguf", {"energy": args.energy})
+        )
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="alignvec-lowrank-") as tmp:
+        ref = None
+        for label, path, how in forms:
+            if how and not path.is_file():
+                convert(base.hf, aligned, path, name="pirate-style", domain="style", dtype="f16", **how)
+            av = AlignmentVector(path)
+            exact = merge(base.ggufs["F32"], {path: 1.0}, Path(tmp) / "exact.gguf", requant="f32").path
+            logits = model_logits(exact, tokens, args.threads)
+            ref = logits if ref is None else ref
+            row = {
+                "size_mb": round(path.stat().st_size / 2**20, 2),
+                "frobenius_rel_error": 0.0 if av.lora is None else round(av.lora.rel_error, 4),
+                "kl_vs_full_f32": round(kl_divergence(ref, logits), 6),
+                **{k: round(v, 4) for k, v in score(exact).items()},
+            }
+            q4 = merge(base.ggufs["Q4_K_M"], {path: 1.0}, Path(tmp) / "q4.gguf").path
+            row["kl_vs_full_f32_q4km_default"] = round(kl_divergence(ref, model_logits(q4, tokens, args.threads)), 6)
+            row |= {f"q4km_default_{k}": round(v, 4) for k, v in score(q4).items()}
+            rows[label] = row
+            log.info("%s: %s", label, row)
+    full_size = rows["full"]["size_mb"]
+    print(f"{'form':12} {'size':>9} {'Frob err':>9} {'KL F32':>9} {'margin':>7} {'acc':>5} {'KL Q4_K_M':>10} margin")
+    for label, r in rows.items():
+        print(
+            f"{label:12} {r['size_mb'] / full_size:8.1%} {r['frobenius_rel_error']:9.3f} {r['kl_vs_full_f32']:9.2e} "
+            f"{r['margin']:7.2f} {r['style_acc']:5.2f} {r['kl_vs_full_f32_q4km_default']:10.2e} "
+            f"{r['q4km_default_margin']:7.2f}"
+        )
+    print(json.dumps({"model": "SmolLM2-135M-Instruct, style SFT vector, λ = 1", "forms": rows}))
+
+
 def types(args: argparse.Namespace) -> None:
     policies = args.policies.split(",") if args.policies else TYPE_POLICIES
     lambdas = [float(x) for x in args.type_lambdas.split(",")]
@@ -569,9 +625,18 @@ def main() -> None:
     smol.add_argument("--variants", default="Q4_K_M,Q8_0", help="base GGUFs: Q4_K_M, Q8_0, Q4_1 (the published file)")
     smol.add_argument("--lambdas", default="1,0.5,0.3", help="comma-separated λ")
     smol.add_argument("--vector", action="append", default=[], help="another AV of this model to measure (repeatable)")
+    smol.add_argument(
+        "--lowrank", action="store_true", help="the low-rank forms of the style vector against its full form"
+    )
+    smol.add_argument("--ranks", default="8,32,128", help="--lowrank: ranks to measure")
+    smol.add_argument(
+        "--energy", type=float, default=0.9, help="--lowrank: also the form keeping this energy (0: none)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.grids:
+    if args.lowrank:
+        lowrank(args)
+    elif args.grids:
         grids(args)
     elif args.types:
         args.variants = ["F32"]

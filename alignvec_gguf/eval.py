@@ -233,6 +233,37 @@ def check_vectors(vectors: Mapping[str, str | os.PathLike[str]], items: Sequence
             )
 
 
+def check_inputs(
+    base: str | os.PathLike[str],
+    vectors: Mapping[str, str | os.PathLike[str]],
+    items: Sequence[EvalItem],
+    lambdas: Sequence[float],
+) -> tuple[Path, list[float], dict[str, list[EvalItem]]]:
+    """The base's path, the λ grid (:func:`check_lambdas`) and the items of each vector's domain, checked."""
+    base = Path(base)
+    if not base.is_file():
+        raise InputError(f"base model {base} does not exist")
+    grid = check_lambdas(lambdas)
+    check_vectors(vectors, items)
+    return base, grid, {d: g for d, g in by_domain(items).items() if d in vectors}
+
+
+def _new_result(
+    base: Path,
+    vectors: Mapping[str, str | os.PathLike[str]],
+    groups: Mapping[str, list[EvalItem]],
+    grid: list[float],
+    requant: str,
+) -> EvalResult:
+    return EvalResult(
+        base=str(base),
+        requant=requant,
+        vectors={d: str(p) for d, p in vectors.items()},
+        n_items={d: len(groups[d]) for d in vectors},
+        lambdas=grid,
+    )
+
+
 @contextmanager
 def merged_model(base: Path, vectors: Mapping[VectorRef, float], work_dir: Path, requant: str) -> Iterator[Path]:
     """The merged model for one mix, in ``work_dir``, deleted afterwards (the base itself when all λ = 0)."""
@@ -311,19 +342,8 @@ def evaluate(
 
     Merged models go to a temporary directory next to nothing else and are deleted after scoring.
     """
-    base = Path(base)
-    if not base.is_file():
-        raise InputError(f"base model {base} does not exist")
-    grid = check_lambdas(lambdas)
-    check_vectors(vectors, items)
-    groups = by_domain(items)
-    result = EvalResult(
-        base=str(base),
-        requant=requant,
-        vectors={d: str(p) for d, p in vectors.items()},
-        n_items={d: len(groups[d]) for d in vectors},
-        lambdas=grid,
-    )
+    base, grid, groups = check_inputs(base, vectors, items, lambdas)
+    result = _new_result(base, vectors, groups, grid, requant)
     jobs = [(d, lam) for d in vectors for lam in grid]
     with tempfile.TemporaryDirectory(prefix="alignvec-eval-") as tmp:
         for domain, lam in tqdm(jobs, desc=desc, unit="model", disable=not progress, leave=False):
@@ -348,19 +368,8 @@ def evaluate_dera(
     The aligned model of a domain is the base with its AV merged at λ = 1 (``requant``); the share at
     λ comes from the logits (1 − λ)·z_base + λ·z_aligned (:class:`MixScorer`).
     """
-    base = Path(base)
-    if not base.is_file():
-        raise InputError(f"base model {base} does not exist")
-    grid = check_lambdas(lambdas)
-    check_vectors(vectors, items)
-    groups = by_domain(items)
-    result = EvalResult(
-        base=str(base),
-        requant=f"DeRa ({requant} at λ=1)",
-        vectors={d: str(p) for d, p in vectors.items()},
-        n_items={d: len(groups[d]) for d in vectors},
-        lambdas=grid,
-    )
+    base, grid, groups = check_inputs(base, vectors, items, lambdas)
+    result = _new_result(base, vectors, groups, grid, f"DeRa ({requant} at λ=1)")
     with tempfile.TemporaryDirectory(prefix="alignvec-dera-") as tmp, closing(Scorer(base, n_threads=n_threads)) as s0:
         for domain in tqdm(list(vectors), desc="DeRa", unit="domain", disable=not progress, leave=False):
             with merged_model(base, {vectors[domain]: 1.0}, Path(tmp), requant) as path:

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import InputError
-from .eval import LEVELS, EvalItem, Shares, by_domain, check_lambdas, check_vectors, score_mix
+from .eval import LEVELS, EvalItem, Shares, check_inputs, score_mix
 from .merge import DEFAULT_POLICY, VectorRef
 
 DEFAULT_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
@@ -121,14 +121,9 @@ def search(
     import time
 
     start = time.perf_counter()
-    base = Path(base)
-    if not base.is_file():
-        raise InputError(f"base model {base} does not exist")
     if not 0 < threshold <= 1:
         raise InputError(f"--threshold must be in (0, 1], got {threshold}")
-    values = check_lambdas(grid)
-    check_vectors(vectors, items)
-    groups = {d: g for d, g in by_domain(items).items() if d in vectors}
+    base, values, groups = check_inputs(base, vectors, items, grid)
     domains = list(vectors)
     result = SearchResult(grid=values, threshold=threshold, domains=domains)
     combos = list(itertools.product(values, repeat=len(domains)))

@@ -100,6 +100,24 @@ def prompt_vs_av(base: Path, vectors: dict[str, Path], items: list, work: Path) 
     }
 
 
+def transfer(own_base: Path, stage2: Path, vectors: dict[str, Path], items: list) -> dict[str, float]:
+    """The AVs at λ = 1 on the later fine-tuning stage against their own base: mean expert shares."""
+    own = evaluate(own_base, vectors, items, [1.0])
+    moved = evaluate(stage2, vectors, items, [0.0, 1.0])
+    own_expert = statistics.mean(own.expert_share(d, 1.0) for d in own.curves)
+    stage2_expert = statistics.mean(moved.expert_share(d, 1.0) for d in moved.curves)
+    stage2_base = statistics.mean(moved.expert_share(d, 0.0) for d in moved.curves)
+    print(
+        f"transfer: expert share at λ=1 {stage2_expert:.2f} on {stage2.name} (λ=0: {stage2_base:.2f}), "
+        f"{own_expert:.2f} on its own base {own_base.name}"
+    )
+    return {
+        "transfer_accuracy": round(stage2_expert, 3),
+        "transfer_own_base_accuracy": round(own_expert, 3),
+        "transfer_stage2_lambda0_expert": round(stage2_base, 3),
+    }
+
+
 # --- the real model (--model smollm2) ---
 
 SMOLLM2_GRID = (-1.0, 0.0, 1.0)  # 27 merges: the search's cost on 2 cores; the paper searched a finer grid
@@ -303,20 +321,7 @@ def smollm2_claims(args: argparse.Namespace) -> None:
         }
 
     if "transfer" in parts:
-        own = evaluate(build / "base.Q4_K_M.gguf", vectors, items, [1.0])
-        moved = evaluate(build / "stage2.Q4_K_M.gguf", vectors, items, [0.0, 1.0])
-        own_expert = statistics.mean(own.expert_share(d, 1.0) for d in own.curves)
-        stage2_expert = statistics.mean(moved.expert_share(d, 1.0) for d in moved.curves)
-        stage2_base = statistics.mean(moved.expert_share(d, 0.0) for d in moved.curves)
-        print(
-            f"transfer: expert share at λ=1 {stage2_expert:.2f} on stage 2 (λ=0: {stage2_base:.2f}), "
-            f"{own_expert:.2f} on its own base (Q4_K_M both)"
-        )
-        result |= {
-            "transfer_accuracy": round(stage2_expert, 3),
-            "transfer_own_base_accuracy": round(own_expert, 3),
-            "transfer_stage2_lambda0_expert": round(stage2_base, 3),
-        }
+        result |= transfer(build / "base.Q4_K_M.gguf", build / "stage2.Q4_K_M.gguf", vectors, items)
 
     out.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", "utf-8")
@@ -373,22 +378,12 @@ def main() -> None:
             f"{found.seconds:.1f} s search ({len(found.points)} merges, {found.reached}/{n_mixes} reached)"
         )
 
-        own = evaluate(bundled.base, bundled.vectors, items, [1.0])
-        moved = evaluate(stage2, bundled.vectors, items, [0.0, 1.0])
-    own_expert = statistics.mean(own.expert_share(d, 1.0) for d in own.curves)
-    stage2_expert = statistics.mean(moved.expert_share(d, 1.0) for d in moved.curves)
-    stage2_base = statistics.mean(moved.expert_share(d, 0.0) for d in moved.curves)
-    print(
-        f"transfer: expert share at λ=1 {stage2_expert:.2f} on stage 2 (λ=0: {stage2_base:.2f}), "
-        f"{own_expert:.2f} on its own base"
-    )
+        transferred = transfer(bundled.base, stage2, bundled.vectors, items)
     result = {
         "prompt_vs_av_cost": round(cost["token_ratio"], 3),
         "prompt_vs_av_time": round(cost["time_ratio"], 3),
         "retrain_vs_av_speedup": round(speedup, 2),
-        "transfer_accuracy": round(stage2_expert, 3),
-        "transfer_own_base_accuracy": round(own_expert, 3),
-        "transfer_stage2_lambda0_expert": round(stage2_base, 3),
+        **transferred,
         "joint_retrain_seconds": round(joint, 2),
         "av_training_seconds": round(av_train, 2),
         "search_seconds": round(found.seconds, 2),

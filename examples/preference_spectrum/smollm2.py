@@ -107,7 +107,7 @@ class Encoder:
         return [*ids, self.eos], len(head)
 
 
-def eval_records(tokenizer, items: list[varied.VariedItem]) -> list[dict]:  # noqa: ANN001
+def eval_records(tokenizer, items: list[varied.Item]) -> list[dict]:  # noqa: ANN001
     """The held-out set as ``alignvec eval`` reads it: chat prompts, the response right after them."""
     return [
         {

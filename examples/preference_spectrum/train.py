@@ -16,8 +16,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sentencepiece as spm
 import torch
@@ -83,6 +84,16 @@ def _shuffled(n: int, batch: int, rng: random.Random) -> Iterator[list[int]]:
             yield order[i : i + batch]
 
 
+def _update(opt: torch.optim.Optimizer, sched: Any, params: Iterable[torch.nn.Parameter], loss: torch.Tensor) -> float:
+    """One optimizer step on ``loss``, gradients clipped to norm 1, and the schedule's; returns the loss's value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def sft(
     model: LlamaForCausalLM,
     seqs: Sequence[Sequence_],
@@ -104,12 +115,7 @@ def sft(
     for step in range(steps):
         with autocast():
             loss = model(**_pad([seqs[i] for i in next(order)], answer_only)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
+        loss_value = _update(opt, sched, model.parameters(), loss)
         if step % 50 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.4f (%.0fs)", label, step + 1, steps, loss_value, time.perf_counter() - start)
     model.eval()
@@ -179,12 +185,7 @@ def dpo(
             pick = next(anchor_order)
             drift = sequence_logps(model, [anchors[i] for i in pick], mean=True) - anchor_ref[pick]
             loss = loss + anchor_weight * drift.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
+        loss_value = _update(opt, sched, model.parameters(), loss)
         if step % 25 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.4f (%.0fs)", label, step + 1, steps, loss_value, time.perf_counter() - start)
     model.eval()
@@ -411,12 +412,7 @@ def dpo_top(
         loss = torch.stack(losses).mean()
         if nll_weight:
             loss = loss + nll_weight * torch.stack(nll).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(top.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
+        loss_value = _update(opt, sched, top.parameters(), loss)
         bar.set_postfix_str(f"loss {loss_value:.3f}")
     log.info("%s: %d steps, final loss %.4f (%.0fs)", label, steps, loss_value, bar.format_dict["elapsed"])
     return loss_value
@@ -433,12 +429,7 @@ def sft_top(top: TopBlocks, seqs: Sequence[Sequence_], *, steps: int, lr: float,
     bar = tqdm(range(steps), desc="stage2", unit="step", leave=False)
     for _ in bar:
         loss = -top.logps([seqs[i] for i in next(order)], mean=True).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(top.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
+        loss_value = _update(opt, sched, top.parameters(), loss)
         bar.set_postfix_str(f"loss {loss_value:.3f}")
     log.info("stage2: %d steps, final loss %.4f (%.0fs)", steps, loss_value, bar.format_dict["elapsed"])
     return loss_value

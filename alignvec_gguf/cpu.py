@@ -126,7 +126,7 @@ def decide(extra: tuple[str, ...], choice: str) -> tuple[bool, str]:
 
 
 def _tensors(path: Path) -> list[tuple[str, QT, tuple[int, ...]]]:
-    from .split import GGUFModel
+    from .ggufread import GGUFModel
 
     return [(t.name, t.tensor_type, t.info.ne) for t in GGUFModel(path, "model")]
 

@@ -34,8 +34,8 @@ import numpy as np
 
 from .cpu import new_llama
 from .errors import InputError
+from .ggufread import GGUFModel
 from .merge import MergeReport, VectorRef, Vectors, merge, open_vectors, parse_requant
-from .split import GGUFModel
 
 # A fixed text over several domains: tokenized by the model itself, so every model sees its own tokens.
 DEFAULT_TEXT = (

@@ -38,20 +38,13 @@ from . import ggml, pages
 from .atomic import atomic_output
 from .avfile import AlignmentVector
 from .errors import CompatibilityError, FormatError, InputError
-from .gguffile import (
-    GENERATED_TENSORS,
-    Fingerprint,
-    GGUFStreamWriter,
-    TensorSlot,
-    check_fingerprint,
-    gguf_signature,
-    pack_kv,
-    tensor_shape,
-)
 from .gguffile import field as gguf_field
+from .gguffile import gguf_signature, tensor_shape
+from .ggufread import SPLIT_KEYS, GGUFModel, ModelTensor
+from .ggufwrite import GGUFStreamWriter, TensorSlot, pack_kv
+from .identity import GENERATED_TENSORS, Fingerprint, check_fingerprint
 from .imatrix import Imatrix, load_imatrix
 from .requant import GRID_TYPES, dither_noise, nearest_keeps, requantize_on_grid, scratch, seed_for
-from .split import SPLIT_KEYS, GGUFModel, ModelTensor
 
 log = logging.getLogger(__name__)
 
@@ -755,7 +748,7 @@ def merge(
         qtype = jobs[t.name].qtype if t.name in jobs else t.tensor_type
         nbytes = ggml.row_size(qtype, t.shape[-1]) * (t.n_elements // t.shape[-1])
         slots.append(TensorSlot(t.name, t.shape, qtype, nbytes))
-    alignment = int(model.field("general.alignment", GGUF_DEFAULT_ALIGNMENT))  # a UINT32 (ggufcheck)
+    alignment = int(model.field("general.alignment", GGUF_DEFAULT_ALIGNMENT))  # a UINT32 (ggufheader)
     with atomic_output(out) as tmp:
         try:
             with open(tmp, "wb") as f:

@@ -58,7 +58,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter  # noqa: E402
 
 from alignvec_gguf.avfile import AVInfo, LoraStats, write_av, write_lowrank_av  # noqa: E402
 from alignvec_gguf.errors import AlignVecError  # noqa: E402
-from alignvec_gguf.gguffile import Fingerprint, signature  # noqa: E402
+from alignvec_gguf.identity import Fingerprint, signature  # noqa: E402
 
 ARCH = "llama"
 # The tiny base: (name, numpy shape, storage). Q8_0 rows are 32-value blocks; token_embd stays F32.
@@ -511,8 +511,8 @@ class Runner:
     def gguf(self, path: Path, merge_too: bool) -> None:
         from alignvec_gguf.cli import describe
         from alignvec_gguf.gguffile import open_gguf
+        from alignvec_gguf.ggufread import GGUFModel
         from alignvec_gguf.merge import MergePlan
-        from alignvec_gguf.split import GGUFModel
 
         reader = open_gguf(path)
         for t in reader.tensors:
@@ -527,8 +527,8 @@ class Runner:
 
     def av(self, path: Path, merge_too: bool) -> None:
         from alignvec_gguf.avfile import AlignmentVector
+        from alignvec_gguf.ggufread import GGUFModel
         from alignvec_gguf.merge import check_compatible
-        from alignvec_gguf.split import GGUFModel
 
         av = AlignmentVector(path)
         check_compatible(GGUFModel(self.base), self.base, [(av, 0.5)])

@@ -90,7 +90,8 @@ def write_vectors(base_f32: Path, full_av: Path, lowrank_av: Path, seed: int = 1
 
     from alignvec_gguf import pages
     from alignvec_gguf.avfile import AVInfo, LoraStats, write_av, write_lowrank_av
-    from alignvec_gguf.gguffile import signature, tensor_shape
+    from alignvec_gguf.gguffile import tensor_shape
+    from alignvec_gguf.identity import signature
 
     reader = GGUFReader(base_f32)  # its pages are dropped below: forked children start from our RSS
     pairs = [(t.name, tensor_shape(t)) for t in reader.tensors]

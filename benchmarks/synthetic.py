@@ -164,7 +164,8 @@ def _info(base: Path, name: str) -> Any:
     from gguf import GGUFReader
 
     from alignvec_gguf.avfile import AVInfo
-    from alignvec_gguf.gguffile import signature, tensor_shape
+    from alignvec_gguf.gguffile import tensor_shape
+    from alignvec_gguf.identity import signature
 
     reader = GGUFReader(base)
     pairs = [(t.name, tensor_shape(t)) for t in reader.tensors]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from alignvec_gguf.atomic import check_output
 from alignvec_gguf.avfile import STORAGE_TYPES, AVInfo, write_av
 from alignvec_gguf.errors import CompatibilityError, InputError
-from alignvec_gguf.gguffile import Fingerprint, signature
+from alignvec_gguf.identity import Fingerprint, signature
 
 from .checkpoint import Checkpoint
 from .hub import resolve

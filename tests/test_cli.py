@@ -107,7 +107,7 @@ def test_lambda_zero_loads_the_base_without_merging(llama_pair, quantized_bases,
 def test_write_failures_are_one_line_and_leave_nothing(
     llama_pair, quantized_bases, tmp_path, capsys, monkeypatch, error, needle
 ):
-    from alignvec_gguf.gguffile import GGUFStreamWriter
+    from alignvec_gguf.ggufwrite import GGUFStreamWriter
 
     def fail(self, data):
         raise error

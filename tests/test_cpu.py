@@ -21,7 +21,7 @@ from llama_cpp import Llama
 from alignvec_gguf import cpu, ggml, load
 from alignvec_gguf.cli import main
 from alignvec_gguf.errors import InputError
-from alignvec_gguf.split import GGUFModel
+from alignvec_gguf.ggufread import GGUFModel
 
 DEMO = Path(__file__).resolve().parent.parent / "alignvec_gguf" / "demo_data"
 BASE = DEMO / "base.Q4_K_M.gguf"

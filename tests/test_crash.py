@@ -50,10 +50,10 @@ def _slow_down(cls, name, seconds):
     setattr(cls, name, slow)
 if spec.get("slow"):
     import gguf
-    from alignvec_gguf import gguffile
+    from alignvec_gguf import ggufwrite
     _slow_down(gguf.GGUFWriter, "write_tensor_data", spec["slow"])
-    if hasattr(gguffile, "GGUFStreamWriter"):  # the merge's own writer
-        _slow_down(gguffile.GGUFStreamWriter, "write_tensor", spec["slow"])
+    if hasattr(ggufwrite, "GGUFStreamWriter"):  # the merge's own writer
+        _slow_down(ggufwrite.GGUFStreamWriter, "write_tensor", spec["slow"])
 """
 
 CHILD = (

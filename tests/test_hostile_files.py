@@ -25,13 +25,13 @@ import pytest
 from gguf import GGUFValueType
 from tinymodels import assert_one_line_error, load_fuzz
 
-from alignvec_gguf import ggufcheck
+from alignvec_gguf import ggufheader
 from alignvec_gguf.avfile import AlignmentVector
 from alignvec_gguf.cli import main
 from alignvec_gguf.errors import AlignVecError, CompatibilityError, FormatError
 from alignvec_gguf.gguffile import open_gguf
+from alignvec_gguf.ggufread import GGUFModel
 from alignvec_gguf.merge import merge
-from alignvec_gguf.split import GGUFModel
 
 fuzz = load_fuzz()
 STR, ARR, U32 = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.UINT32
@@ -218,16 +218,16 @@ def test_broken_file(case, role, tiny, tmp_path, run_cli):
 def test_caps_on_strings_and_arrays(tiny, tmp_path, run_cli, monkeypatch):
     """The caps hold before gguf-py sees a byte: lowered here so that a small file exceeds them."""
     bad = write(tmp_path, tiny["base.gguf"].data, "base")
-    monkeypatch.setattr(ggufcheck, "MAX_ARRAY_ITEMS", 7)  # the base has 4 tokens + 4 scores
+    monkeypatch.setattr(ggufheader, "MAX_ARRAY_ITEMS", 7)  # the base has 4 tokens + 4 scores
     with pytest.raises(FormatError, match="all arrays together may have 7"):
         open_gguf(bad)
-    monkeypatch.setattr(ggufcheck, "MAX_ARRAY_ITEMS", 8)
+    monkeypatch.setattr(ggufheader, "MAX_ARRAY_ITEMS", 8)
     open_gguf(bad)
-    monkeypatch.setattr(ggufcheck, "MAX_STRING", 3)  # "llama" is 5 bytes
+    monkeypatch.setattr(ggufheader, "MAX_STRING", 3)  # "llama" is 5 bytes
     rc, err = run_cli("inspect", bad)
     assert_one_line_error(rc, err, "value of general.architecture", "limit is 3")
-    monkeypatch.setattr(ggufcheck, "MAX_STRING", 16)
-    monkeypatch.setattr(ggufcheck, "MAX_HEADER", 300)  # the header is 704 bytes
+    monkeypatch.setattr(ggufheader, "MAX_STRING", 16)
+    monkeypatch.setattr(ggufheader, "MAX_HEADER", 300)  # the header is 704 bytes
     rc, err = run_cli("inspect", bad)
     assert_one_line_error(rc, err, "runs past 0 MiB, the limit for a header")
 

@@ -160,7 +160,7 @@ def test_merged_file_records_vectors_and_keeps_base_metadata(llama_pair, quantiz
 
 
 def test_model_metadata_is_decoded_like_gguf_py(quantized_bases):
-    from alignvec_gguf.split import GGUFModel
+    from alignvec_gguf.ggufread import GGUFModel
 
     model, reader = GGUFModel(quantized_bases["Q4_K_M"]), GGUFReader(quantized_bases["Q4_K_M"])
     keys = [k for k in reader.fields if not k.startswith("GGUF.")]

@@ -19,7 +19,8 @@ from gguf import GGUFReader, GGUFWriter
 from alignvec_gguf import AlignmentVector, ggml, merge, requant
 from alignvec_gguf.avfile import AVInfo, write_av
 from alignvec_gguf.errors import CompatibilityError, FormatError
-from alignvec_gguf.gguffile import field, signature, tensor_bytes, tensor_shape
+from alignvec_gguf.gguffile import field, tensor_bytes, tensor_shape
+from alignvec_gguf.identity import signature
 from alignvec_gguf.imatrix import load_imatrix
 from alignvec_gguf.merge import IMATRIX_FALLBACK
 

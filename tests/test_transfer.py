@@ -19,7 +19,7 @@ from gguf import GGUFReader
 
 from alignvec_gguf import AlignmentVector, AVInfo, CompatibilityError, merge, write_av
 from alignvec_gguf.cli import main
-from alignvec_gguf.gguffile import Fingerprint, check_fingerprint
+from alignvec_gguf.identity import Fingerprint, check_fingerprint
 from converters import convert
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250]

@@ -38,6 +38,20 @@ MAX_HEADER = 256 << 20  # bytes of metadata and tensor infos together
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 63  # GGML_MAX_NAME - 1 (its terminating NUL)
 # Names gguf-py gives its own pseudo-fields; a key with one of them makes GGUFReader fail.
+# Metadata value types that hold an integer (for checking a stranger's metadata before use).
+INTEGER_TYPES = frozenset(
+    {
+        GGUFValueType.UINT8,
+        GGUFValueType.INT8,
+        GGUFValueType.UINT16,
+        GGUFValueType.INT16,
+        GGUFValueType.UINT32,
+        GGUFValueType.INT32,
+        GGUFValueType.UINT64,
+        GGUFValueType.INT64,
+    }
+)
+
 RESERVED_KEYS = frozenset({"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"})
 
 _SCALARS: dict[GGUFValueType, str] = {

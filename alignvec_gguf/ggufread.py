@@ -5,7 +5,7 @@ llama.cpp's ``gguf-split`` puts the model's metadata in the first shard, ``split
 opens every shard, checks that they belong together, and offers the metadata of the first shard and
 the tensors of all of them, in order.
 
-It reads a model from its checked header (:func:`ggufcheck.check_gguf`: one sequential walk, bounded
+It reads a model from its checked header (:func:`ggufheader.check_gguf`: one sequential walk, bounded
 work) and a read-only memory map of the data, not through gguf-py's ``GGUFReader``: that one parses
 every metadata item into numpy objects up front, which costs about 0.6 s for a 32k-token vocabulary
 and 15 s for a 262k one, on every merge. Here a metadata item is decoded only when asked for, and a
@@ -27,8 +27,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType
 
 from .errors import FormatError, InputError
-from .ggufcheck import Header, KeyValue, TensorInfo, check_gguf, decode_value
-from .gguffile import INTEGER_TYPES, signature
+from .ggufheader import INTEGER_TYPES, Header, KeyValue, TensorInfo, check_gguf, decode_value
+from .identity import signature
 
 SPLIT_PATTERN = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")

@@ -4,10 +4,8 @@ checkpoint for transfer, and a joint retrain for the cost comparison. The bundle
     python examples/preference_spectrum/build.py                   # the tiny models (a few minutes)
     python examples/preference_spectrum/build.py --model smollm2   # the real model (smollm2.py; ~25 min)
 
-llama.cpp's source tree (for its ``convert_hf_to_gguf.py``) is found as the tests find it: ``$LLAMA_CPP_SRC``,
-else the llama-cpp-python source distribution fetched once into ``.cache/`` (``$ALIGNVEC_TEST_CACHE``).
-Everything goes under ``--build-dir``; the files that ship in the package (``alignvec_gguf/demo_data/``)
-are rewritten only with ``--refresh-demo-data``.
+llama.cpp's source tree (for its ``convert_hf_to_gguf.py``) is found as the tests find it (``steps.py``).
+Everything goes under ``--build-dir``; the package's shipped files change only with ``--refresh-demo-data``.
 
 Steps of ``--model tiny`` (seeded; a few minutes on 2 CPU cores; needs torch, transformers, sentencepiece):
 
@@ -34,13 +32,10 @@ the three ``{domain}.avec.gguf``, ``heldout.json`` and ``PROVENANCE.md`` (copied
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
-import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -52,11 +47,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
+from steps import ROOT, convert_to_gguf, find_llama_cpp_src, quantize, refresh  # noqa: E402
 from train import BOS, EOS, UNK, Pair, dpo, encode, preference_accuracy, sft  # noqa: E402
 
 log = logging.getLogger("preference_spectrum")
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO_DATA = ROOT / "alignvec_gguf" / "demo_data"
 BASE_GGUF = "base.Q4_K_M.gguf"
 HELDOUT_FILE = "heldout.json"
@@ -161,26 +156,6 @@ def save_hf(model: LlamaForCausalLM, tokenizer: Path, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def convert_to_gguf(model_dir: Path, out: Path, llama_cpp_src: Path) -> None:
-    """llama.cpp's own ``convert_hf_to_gguf.py``, run as a tool from its source tree, at F32."""
-    script = llama_cpp_src / "convert_hf_to_gguf.py"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama_cpp_src / "gguf-py"), str(llama_cpp_src)]))
-    cmd = [sys.executable, str(script), str(model_dir), "--outtype", "f32", "--outfile", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"build.py: llama.cpp's converter failed:\n{result.stderr[-3000:]}")
-
-
-def quantize(src: Path, out: Path, ftype: str = "Q4_K_M") -> None:
-    """``ftype`` (Q4_K_M, Q8_0, ...) with llama.cpp's quantizer (``llama_model_quantize``)."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-        sys.exit(f"build.py: llama_model_quantize failed on {src}")
-
-
 def check_tokenizer(gguf: Path, sp: spm.SentencePieceProcessor, records: list[dict]) -> None:
     """llama.cpp must tokenize prompt + response exactly as training did."""
     from alignvec_gguf.cpu import new_llama
@@ -231,18 +206,6 @@ Built by `examples/preference_spectrum/build.py` (see `examples/preference_spect
 
 def _changed_args(args: argparse.Namespace) -> str:
     return "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in DEFAULTS.items() if getattr(args, k) != v)
-
-
-def find_llama_cpp_src(given: Path | None) -> Path:
-    """llama.cpp's source tree: ``given``, else as the tests find it (``$LLAMA_CPP_SRC`` or the sdist in .cache)."""
-    if given is None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import tinymodels
-
-        given = tinymodels.llama_cpp_source(Path(os.environ.get("ALIGNVEC_TEST_CACHE", ROOT / ".cache")))
-    if not (given / "convert_hf_to_gguf.py").is_file():
-        sys.exit(f"build.py: {given} has no convert_hf_to_gguf.py; unset LLAMA_CPP_SRC or point it at llama.cpp")
-    return given
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -431,15 +394,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         refresh(args.out_dir, DEMO_DATA)
     log.info("done in %.0fs", stats["total_seconds"])
     return 0
-
-
-def refresh(bundle: Path, target: Path) -> None:
-    """Copy the built bundle's files over the package's shipped data (``--refresh-demo-data`` only)."""
-    target.mkdir(parents=True, exist_ok=True)
-    for f in sorted(bundle.iterdir()):
-        if f.is_file():
-            shutil.copy(f, target / f.name)
-    log.info("refreshed %s from %s", target, bundle)
 
 
 if __name__ == "__main__":

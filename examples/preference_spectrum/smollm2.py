@@ -39,9 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import varied  # noqa: E402
+from steps import ROOT, convert_to_gguf, quantize, refresh  # noqa: E402
 from train import Ranked, Sequence_, TopBlocks, dpo_top, sft_top, top_preference_accuracy  # noqa: E402
-
-from build import ROOT, convert_to_gguf, quantize, refresh  # noqa: E402
 
 log = logging.getLogger("preference_spectrum")
 

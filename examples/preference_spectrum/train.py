@@ -8,6 +8,9 @@
 - ``preference_accuracy``: the paper's metric with transformers (length-normalised log-likelihood of
   each level's response), for the build log and for models that are never converted (the joint retrain).
   ``alignvec eval`` computes the same metric through llama.cpp on merged GGUF files.
+
+Long module: the four training loops (SFT, DPO, and their top-block forms for the real model) share one
+batching, scoring and optimizer-step vocabulary; apart, each file would re-import all of it.
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
-
+from ._version import __version__
 from .avfile import AlignmentVector, AVInfo, write_av
 from .cache import cached_merge
 from .errors import AlignVecError, CompatibilityError, DiskFullError, FormatError, InputError

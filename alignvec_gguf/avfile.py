@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize as np_quantize
 
 from . import ggml
+from ._version import __version__
 from .atomic import atomic_output
 from .errors import FormatError
 from .gguffile import INTEGER_TYPES, field, open_gguf, tensor_shape
@@ -82,8 +83,6 @@ _KINDS: dict[str, tuple[frozenset[tuple[GGUFValueType, ...]], str]] = {
 
 
 def producer() -> str:
-    from . import __version__
-
     return f"alignvec-gguf {__version__}"
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .atomic import atomic_output, file_lock, remove_stale_temporaries
 from .avfile import AlignmentVector
 from .errors import AlignVecError, DiskFullError, InputError
@@ -157,8 +158,6 @@ class MergeCache:
         full_base: str | os.PathLike[str] | None = None,
     ) -> str:
         """The content key of a mix (hex sha256)."""
-        from . import __version__
-
         for what, extra in (("importance matrix", imatrix), ("full-precision base", full_base)):
             if extra is not None and not Path(extra).is_file():
                 raise InputError(f"{what} {extra} does not exist")

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from ._version import __version__
 from .errors import AlignVecError, InputError
 from .merge import VectorRef
 

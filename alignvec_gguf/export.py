@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .atomic import atomic_output
 from .errors import InputError
 from .gguffile import field, open_gguf
@@ -66,8 +67,6 @@ def write_modelfile(
     ``parameters`` become ``PARAMETER`` lines (a list value gives one line per item, as Ollama wants
     for ``stop``); ``adapters`` become ``ADAPTER`` lines (low-rank AVs, applied by Ollama at scale 1).
     """
-    from . import __version__
-
     model = Path(model)
     reader = open_gguf(model, "model")
     if field(reader, "general.type") == "adapter":

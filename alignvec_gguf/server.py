@@ -28,7 +28,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from . import __version__
+from ._version import __version__
 from .errors import AlignVecError, InputError
 from .live import LiveModel
 

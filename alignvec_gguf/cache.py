@@ -37,7 +37,9 @@ from .atomic import atomic_output, file_lock, remove_stale_temporaries
 from .avfile import AlignmentVector
 from .errors import AlignVecError, DiskFullError, InputError
 from .ggufread import shard_paths
-from .merge import DEFAULT_POLICY, Vectors, merge, open_vectors, parse_requant
+from .merge import merge
+from .mix import Vectors, open_vectors
+from .policy import DEFAULT_POLICY, parse_requant
 
 log = logging.getLogger(__name__)
 

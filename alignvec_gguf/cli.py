@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from ._version import __version__
 from .errors import AlignVecError, InputError
-from .merge import VectorRef
+from .mix import VectorRef
 
 EXIT_USAGE = 2
 
@@ -262,7 +262,7 @@ def _add_vector_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _add_requant_args(p: argparse.ArgumentParser) -> None:
-    from .merge import DEFAULT_POLICY, POLICIES
+    from .policy import DEFAULT_POLICY, POLICIES
 
     p.add_argument(
         "--requant",
@@ -333,7 +333,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .merge import DEFAULT_POLICY as default_policy
+    from .policy import DEFAULT_POLICY as default_policy
 
     parser = _Parser(prog="alignvec", description="Alignment vectors as a dial for llama.cpp GGUF models.")
     parser.add_argument("--version", action="version", version=f"alignvec-gguf {__version__}")

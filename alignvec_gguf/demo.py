@@ -329,7 +329,7 @@ def real_header(n_tokens: int) -> str:
 
 def run_real_demo(data: DemoData, lambdas: Sequence[float], n_tokens: int, quiet: bool, table: bool) -> int:
     """Answer one held-out question per domain at each λ with SmolLM2, then a short accuracy table."""
-    from .merge import DEFAULT_POLICY
+    from .policy import DEFAULT_POLICY
     from .report import eval_table
 
     answers = real_answers(data, lambdas, n_tokens, progress=not quiet)
@@ -381,7 +381,7 @@ def run_demo(
 
 def run_tiny_demo(lambdas: Sequence[float], n_tokens: int, quiet: bool = False, table: bool = True) -> int:
     """Answer the tiny demo question at each λ, print the answers side by side, then the accuracy table."""
-    from .merge import DEFAULT_POLICY
+    from .policy import DEFAULT_POLICY
     from .report import eval_table
 
     answers = generate_answers(lambdas, n_tokens, progress=not quiet)

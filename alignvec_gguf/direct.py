@@ -27,7 +27,9 @@ from . import cpu, ggml
 from .cpu import new_llama
 from .errors import AlignVecError, CompatibilityError
 from .imatrix import Imatrix
-from .merge import DEFAULT_POLICY, MergePlan, MergeReport, Vectors, diagnose, float_fingerprint, run_job
+from .merge import MergePlan, MergeReport, diagnose, float_fingerprint, run_job
+from .mix import Vectors
+from .policy import DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from llama_cpp import Llama

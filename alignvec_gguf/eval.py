@@ -34,7 +34,9 @@ from tqdm import tqdm
 
 from .avfile import AlignmentVector
 from .errors import FormatError, InputError
-from .merge import DEFAULT_POLICY, VectorRef, merge
+from .merge import merge
+from .mix import VectorRef
+from .policy import DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from llama_cpp import Llama

@@ -35,7 +35,9 @@ import numpy as np
 from .cpu import new_llama
 from .errors import InputError
 from .ggufread import GGUFModel
-from .merge import MergeReport, VectorRef, Vectors, merge, open_vectors, parse_requant
+from .merge import MergeReport, merge
+from .mix import VectorRef, Vectors, open_vectors
+from .policy import parse_requant
 
 # A fixed text over several domains: tokenized by the model itself, so every model sees its own tokens.
 DEFAULT_TEXT = (

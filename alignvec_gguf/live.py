@@ -32,7 +32,7 @@ from .cpu import new_llama
 from .errors import AlignVecError, CompatibilityError, FormatError, InputError
 from .gguffile import field as gguf_field
 from .gguffile import open_gguf
-from .merge import check_compatible
+from .mix import check_compatible
 
 if TYPE_CHECKING:
     from llama_cpp import Llama

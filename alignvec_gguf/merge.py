@@ -17,7 +17,6 @@ Pages of the memory-mapped inputs are dropped from the resident set as the merge
 from __future__ import annotations
 
 import logging
-import math
 import mmap
 import os
 import secrets
@@ -27,10 +26,10 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFReader
+from gguf import GGUF_DEFAULT_ALIGNMENT
 from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
@@ -38,64 +37,31 @@ from . import ggml, pages
 from .atomic import atomic_output
 from .avfile import AlignmentVector
 from .errors import CompatibilityError, FormatError, InputError
-from .gguffile import field as gguf_field
-from .gguffile import gguf_signature, tensor_shape
 from .ggufread import SPLIT_KEYS, GGUFModel, ModelTensor
 from .ggufwrite import GGUFStreamWriter, TensorSlot, pack_kv
 from .identity import GENERATED_TENSORS, Fingerprint, check_fingerprint
 from .imatrix import Imatrix, load_imatrix
+from .mix import Vectors, check_compatible, open_vectors
+from .policy import (
+    DEFAULT_POLICY,
+    FLOAT_TYPES,
+    HIFI_KEEP,
+    HIFI_MIN_COS,
+    HIFI_MIN_KEPT,
+    IMATRIX_FALLBACK,  # noqa: F401 (temporary: tests import it from here until their import line moves)
+    NO_GRID_TYPES,
+    UNBIASED_BUDGET,
+    Policy,
+    parse_requant,
+    target_type,
+)
 from .requant import GRID_TYPES, dither_noise, nearest_keeps, requantize_on_grid, scratch, seed_for
 
 log = logging.getLogger(__name__)
 
-VectorRef = Union[str, os.PathLike[str], AlignmentVector]
-Vectors = Mapping[VectorRef, float]
-
-# The policies besides plain ggml type names, with what they do (shown by --help and in errors).
-POLICIES: dict[str, str] = {
-    "unbiased": "about the same size: unbiased random rounding on the base's scales where it adds at most a noise "
-    "budget, else (and always on types with no grid rounding: IQ1-IQ3, TQ, Q1_0) on a Q8_0 grid made from the "
-    "tensor's own values (unbiased:B sets the budget, default 0.05)",
-    "calibrated": "same size: the base's scales, rounding threshold per tensor keeps the knob within a noise budget "
-    "(calibrated:B sets the budget, default 0.1); measured to overshoot λ on real fine-tuning vectors",
-    "same": "every tensor keeps the base's type; ggml requantizes (round to nearest): small deltas are erased",
-    "grid": "like same on the base's own scales: same fidelity, several times faster on K-quants",
-    "dither": "same size: the base's scales, unbiased random rounding everywhere",
-    "hifi": "touched tensors coarser than 8 bits become Q8_0 unless their own grid keeps the change (larger file)",
-}
-# chosen from benchmarks/fidelity.py --model smollm2 (a real model and vector): README, "Requantization and the knob"
-DEFAULT_POLICY = "unbiased"
-
-# Types that need an importance matrix fall back, without one, to the nearest type that does not.
-# ggml itself insists for IQ2_XXS, IQ2_XS and IQ1_S; llama.cpp's quantizer refuses the other three too
-# ("the result will be garbage", src/llama-quant.cpp).
-IMATRIX_FALLBACK: dict[QT, QT] = {
-    QT.IQ2_XXS: QT.Q2_K,
-    QT.IQ2_XS: QT.Q2_K,
-    QT.IQ2_S: QT.Q2_K,
-    QT.IQ1_S: QT.Q2_K,
-    QT.IQ1_M: QT.Q2_K,
-    QT.IQ3_XXS: QT.Q3_K,
-}
-# A base type ggml cannot quantize at all is written as Q8_0 (or F16 where rows do not fit Q8_0).
-UNQUANTIZABLE_FALLBACK = QT.Q8_0
-_FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-_HIFI_KEEP = frozenset({QT.Q8_0, QT.F16, QT.BF16, QT.F32})
-# Coarse types with no grid rounding here (requant.GRID_TYPES): codebook lattices (IQ1-IQ3), ternary and 1-bit
-# types. ggml's round-to-nearest keeps 0.3-19% of a change of 2-10% of mean |w| on them (README, 'Quant types
-# and the knob'); unbiased writes their touched tensors at Q8_0 instead, dithered on a grid made from their values.
-NO_GRID_TYPES = frozenset(
-    {QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ1_S, QT.IQ1_M, QT.TQ1_0, QT.TQ2_0, QT.Q1_0}
-)
-# hifi keeps a tensor's base type where round-to-nearest on its grid keeps this much of Δ (weight space)
-HIFI_MIN_KEPT = 0.95
-HIFI_MIN_COS = 0.95
-# unbiased: a coarse tensor stays on its grid while dithering adds at most this share of its own rounding noise
-UNBIASED_BUDGET = 0.05
 # a merge warns when a touched tensor keeps less than this share of its requested change (weight space)
 KEPT_SHARE_WARN = 0.5
 _KEPT_SAMPLE = 1 << 16  # elements (whole rows) per tensor on which the kept share is measured
-LAMBDA_MAX = 1e30  # float32 arithmetic: λ·Δ must stay far from its 3.4e38 limit
 BIG_TENSOR_SHARE = 1 / 32  # a tensor with this share of all touched elements is computed on every core
 _RELEASE_EVERY = 64 << 20  # bytes streamed between two drops of the inputs' resident pages
 
@@ -106,79 +72,6 @@ K_MERGED_REQUANT = "alignvec.merged.requant"
 K_MERGED_BASE = "alignvec.merged.base"
 # [whole file, worst tensor]: <realized change, requested change> / |requested change|², weight space (float64)
 K_MERGED_KEPT = "alignvec.merged.kept_share"
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How touched tensors are written: their type, and how values are rounded onto it."""
-
-    name: str
-    target: QT | None  # a fixed type for touched matrices; None: decided per tensor from the base type
-    rounding: str = "ggml"  # "ggml": ggml's quantizer; else a rounding on the base's own grid (requant.py)
-    noise_budget: float | None = None  # calibrated rounding: see requant.calibrate_threshold
-
-    def type_for(self, base_type: QT) -> QT:
-        if self.target is not None:
-            return self.target
-        if self.name == "hifi" and base_type not in _HIFI_KEEP:
-            return QT.Q8_0
-        return base_type
-
-
-def parse_requant(policy: str) -> Policy:
-    """A policy name (:data:`POLICIES`) or a ggml type name (``q8_0``, ``f16``, ``q6_k``...) -> :class:`Policy`."""
-    key = policy.lower()
-    if key == "same":
-        return Policy(key, None)
-    if key == "hifi":  # Q8_0 where the base is coarser; where the base type stays, calibrated rounding on its grid
-        return Policy(key, None, "calibrated")
-    if key == "grid":
-        return Policy(key, None, "nearest")
-    if key in ("dither", "calibrated"):
-        return Policy(key, None, key)
-    if key == "unbiased":
-        return Policy(key, None, "dither", UNBIASED_BUDGET)
-    if key.startswith(("calibrated:", "unbiased:")):
-        family, _, text = key.partition(":")
-        try:
-            budget = float(text)
-        except ValueError:
-            budget = -1.0
-        if not budget >= 0.0:  # NaN fails too; "inf" keeps the whole projection whatever it costs
-            raise InputError(f"requant {policy!r}: the noise budget after '{family}:' must be a number ≥ 0, e.g. 0.1")
-        return Policy(key, None, "calibrated" if family == "calibrated" else "dither", budget)
-    choices = sorted(t.name.lower() for t in ggml.QUANTIZABLE if t not in IMATRIX_FALLBACK)
-    try:
-        qtype: QT | None = QT[policy.upper()]
-    except KeyError:
-        qtype = None
-    if qtype is None or qtype not in ggml.QUANTIZABLE:
-        raise InputError(
-            f"unknown requant policy {policy!r}; use one of {', '.join(POLICIES)} or a type: {', '.join(choices)}"
-        )
-    return Policy(key, qtype)
-
-
-def target_type(
-    base_type: QT, shape: tuple[int, ...], policy: Policy, has_imatrix: bool = False, notes: set[str] | None = None
-) -> QT:
-    """The type a touched tensor is written as; why it differs from what was asked goes into ``notes``."""
-    notes = notes if notes is not None else set()
-    n_per_row = shape[-1]
-    if len(shape) <= 1 or base_type in _FLOAT_TYPES and policy.target is None:
-        return base_type if base_type in ggml.QUANTIZABLE else QT.F32
-    wanted = policy.type_for(base_type)
-    if wanted in IMATRIX_FALLBACK and not has_imatrix:
-        fallback = IMATRIX_FALLBACK[wanted]
-        notes.add(f"{wanted.name} needs an importance matrix (--imatrix); touched tensors became {fallback.name}")
-        wanted = fallback
-    if ggml.can_quantize(wanted, n_per_row, has_imatrix):
-        return wanted
-    for fallback in (base_type, UNQUANTIZABLE_FALLBACK, QT.F16):
-        if ggml.can_quantize(fallback, n_per_row):
-            notes.add(f"{n_per_row}-element rows cannot be {wanted.name}; they were written as {fallback.name}")
-            return fallback
-    return QT.F32
 
 
 @dataclass(frozen=True)
@@ -221,50 +114,6 @@ class MergeReport:
     def min_kept_share(self) -> float:
         """The share kept by the touched tensor that kept least (1.0 when nothing was asked to change)."""
         return min((k.share for k in self.kept.values() if k.ref > 0), default=1.0)
-
-
-def open_vectors(vectors: Vectors) -> list[tuple[AlignmentVector, float]]:
-    """Open and validate every vector and its λ."""
-    if not isinstance(vectors, Mapping):
-        raise InputError("vectors must map AV paths (or AlignmentVector objects) to λ, e.g. {'medical.avec.gguf': 0.5}")
-    out: list[tuple[AlignmentVector, float]] = []
-    for ref, lam in vectors.items():
-        av = ref if isinstance(ref, AlignmentVector) else AlignmentVector(ref)
-        if isinstance(lam, bool) or not isinstance(lam, (int, float, np.floating)) or not math.isfinite(lam):
-            raise InputError(f"λ for {av.path} must be a finite number, got {lam!r}")
-        if abs(lam) > LAMBDA_MAX:
-            raise InputError(f"λ for {av.path} is {lam!r}; the merge computes in float32, keep |λ| ≤ {LAMBDA_MAX:g}")
-        out.append((av, float(lam)))
-    return out
-
-
-def check_compatible(reader: GGUFReader | GGUFModel, base: Path, vectors: list[tuple[AlignmentVector, float]]) -> None:
-    """Architecture, signature, tensor names and shapes must match before any work is done."""
-    if isinstance(reader, GGUFModel):
-        arch, shapes, signature = reader.field("general.architecture"), reader.shapes(), reader.signature()
-    else:
-        arch = gguf_field(reader, "general.architecture")
-        shapes = {t.name: tensor_shape(t) for t in reader.tensors}
-        signature = gguf_signature(reader)
-    for av, _ in vectors:
-        what = f"alignment vector {av.path.name} ({av.info.name})"
-        if av.info.architecture != arch:
-            raise CompatibilityError(
-                f"{what} is for architecture {av.info.architecture!r} but {base.name} is {arch!r}; "
-                "convert the vector from this model's checkpoints"
-            )
-        for name in av.names:
-            if name not in shapes:
-                raise CompatibilityError(f"{what} changes tensor {name}, which {base.name} does not have")
-            if av.shape(name) != shapes[name]:
-                raise CompatibilityError(
-                    f"{what}: tensor {name} has shape {av.shape(name)} but {base.name} has {shapes[name]}"
-                )
-        if av.info.base_signature != signature:
-            raise CompatibilityError(
-                f"{what} was made for a model with a different tensor layout than {base.name} "
-                "(names or shapes differ); convert it from this model's checkpoints"
-            )
 
 
 def _merged_metadata(model: GGUFModel, extra: list[bytes]) -> tuple[int, bytes]:
@@ -492,7 +341,7 @@ def run_job(job: _Job) -> tuple[np.ndarray, int, Kept]:
 
 def _coarse_grid(base_type: QT, qtype: QT) -> bool:
     """Whether a tensor stays on a grid coarser than 8 bits (one of ours: :data:`requant.GRID_TYPES`)."""
-    return qtype == base_type and base_type in GRID_TYPES and base_type not in _HIFI_KEEP
+    return qtype == base_type and base_type in GRID_TYPES and base_type not in HIFI_KEEP
 
 
 def _open_full_base(full_base: str | os.PathLike[str], model: GGUFModel) -> GGUFModel:
@@ -502,7 +351,7 @@ def _open_full_base(full_base: str | os.PathLike[str], model: GGUFModel) -> GGUF
             f"full-precision base {full.path.name} has other tensors than {model.path.name}; "
             "give the F32/F16/BF16 GGUF the quantized base was made from"
         )
-    coarse = sorted({t.tensor_type.name for t in full.tensors if t.tensor_type not in _FLOAT_TYPES})
+    coarse = sorted({t.tensor_type.name for t in full.tensors if t.tensor_type not in FLOAT_TYPES})
     if coarse:
         raise InputError(
             f"full-precision base {full.path.name} holds {', '.join(coarse)} tensors; give an F32, F16 or BF16 GGUF"
@@ -567,7 +416,7 @@ class MergePlan:
             no_grid = unbiased and len(t.shape) > 1 and t.tensor_type in NO_GRID_TYPES
             policy = Policy("hifi", None) if no_grid else self.policy
             qtype = target_type(t.tensor_type, t.shape, policy, imat_rows is not None, self.notes)
-            if qtype in _FLOAT_TYPES:
+            if qtype in FLOAT_TYPES:
                 imat_rows = None
             job = _Job(t, parts, qtype, self.policy, imat_rows, full_tensors.get(t.name), threads, self.policy.rounding)
             if no_grid and qtype != t.tensor_type:
@@ -625,7 +474,7 @@ def _kept_warning(report: MergeReport) -> str | None:
         better = "--requant unbiased keeps it at about the same size"
         if report.policy.split(":")[0] in ("same", "grid", "calibrated", "dither"):  # hifi: the larger file already
             better += " (--requant hifi at a larger file)"
-    elif bases <= GRID_TYPES | _HIFI_KEEP:
+    elif bases <= GRID_TYPES | HIFI_KEEP:
         better = "--requant hifi or q8_0 keeps more at a larger file"
     else:
         better = "--requant f16 keeps all of it at a larger file"
@@ -680,7 +529,7 @@ def diagnose(plan: MergePlan, report: MergeReport, fingerprint: Fingerprint | No
 
 def float_fingerprint(plan: MergePlan) -> Fingerprint | None:
     """An empty fingerprint to fill tensor by tensor where the base is all float (else None: not needed)."""
-    float_base = all(t.tensor_type in _FLOAT_TYPES for t in plan.model.tensors if t.name not in GENERATED_TENSORS)
+    float_base = all(t.tensor_type in FLOAT_TYPES for t in plan.model.tensors if t.name not in GENERATED_TENSORS)
     return Fingerprint() if float_base else None
 
 

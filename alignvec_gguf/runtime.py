@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from .cache import MergeCache, check_base
 from .cpu import new_llama
 from .errors import InputError
-from .merge import DEFAULT_POLICY, Vectors, open_vectors
+from .mix import Vectors, open_vectors
+from .policy import DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from llama_cpp import Llama

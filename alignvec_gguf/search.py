@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from .errors import InputError
 from .eval import LEVELS, EvalItem, Shares, check_inputs, score_mix
-from .merge import DEFAULT_POLICY, VectorRef
+from .mix import VectorRef
+from .policy import DEFAULT_POLICY
 
 DEFAULT_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
 DEFAULT_THRESHOLD = 0.5

@@ -46,15 +46,13 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
-
-import realmodels as rm  # noqa: E402
-import tinymodels as tm  # noqa: E402
 
 from alignvec_gguf.fidelity import fidelity, sequence_logprobs  # noqa: E402
 from alignvec_gguf.merge import DEFAULT_POLICY  # noqa: E402
 from converters import convert  # noqa: E402
+from tests.support import realmodels as rm  # noqa: E402
+from tests.support import tinymodels as tm  # noqa: E402
 
 log = logging.getLogger("fidelity")
 
@@ -447,7 +445,7 @@ def quantize_preset(f32: Path, out: Path, preset: str, imatrix: Path | None) -> 
     else:
         import subprocess
 
-        import llamatools
+        from tests.support import llamatools
 
         tool = llamatools.ensure(("llama-quantize",)) / "llama-quantize"
         cmd = [str(tool), "--imatrix", str(imatrix), str(f32), str(tmp), preset, "2"]

@@ -67,18 +67,17 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import llamatools  # noqa: E402
-import tinymodels as tm  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
-from loopback import free_port, http, process, tail  # noqa: E402
 
 from alignvec_gguf import AlignmentVector, cached_merge, merge, write_av  # noqa: E402
 from alignvec_gguf.cpu import new_llama  # noqa: E402
 from alignvec_gguf.live import LiveModel  # noqa: E402
 from converters import convert  # noqa: E402
+from tests.support import llamatools  # noqa: E402
+from tests.support import tinymodels as tm  # noqa: E402
+from tests.support.loopback import free_port, http, process, tail  # noqa: E402
 
 RANKS = (8, 32, 128)
 LIVE_RANK = 32

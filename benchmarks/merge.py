@@ -49,10 +49,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # llamatools: llama.cpp's own tools, built once from the pinned sdist
-sys.path.insert(0, str(REPO / "benchmarks"))  # synthetic: the Llama shapes, shared with merge_7b and live_1b
 
-from synthetic import SHAPES, llama_writer, tensor_specs  # noqa: E402
+from tests.support.synthetic import SHAPES, llama_writer, tensor_specs  # noqa: E402
 
 SIZES = {"full": SHAPES["1b"], "quick": SHAPES["90m"]}
 DECODE_TOKENS = 32
@@ -405,7 +403,7 @@ def main() -> None:
 
         # llama.cpp's own pipeline on the equivalent low-rank adapter, against our merge of the same vector
         # (built from the pinned sdist on first use and cached: tests/llamatools.py; $LLAMA_CPP_BIN overrides)
-        import llamatools
+        from tests.support import llamatools
 
         try:
             bindir: Path | None = llamatools.ensure(("llama-export-lora", "llama-quantize"))

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import merge as bench  # benchmarks/merge.py: the children and their measurements
-import synthetic
+
+from tests.support import synthetic
 
 DECODE_TOKENS_7B = 16
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import tinymodels as tm  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
+from tests.support import tinymodels as tm
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tinymodels as tm
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
@@ -29,6 +28,7 @@ from alignvec_gguf.gguffile import field
 from converters import ARCHITECTURES, convert
 from converters.checkpoint import Checkpoint
 from converters.layout import Layout
+from tests.support import tinymodels as tm
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250]
 LAMBDAS = [-1.0, 0.5, 2.0]

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import tinymodels as tm
 import torch
 from safetensors.torch import load_file, save_file
-from tinymodels import assert_one_line_error
 
 from alignvec_gguf.cli import main, one_line
+from tests.support import tinymodels as tm
+from tests.support.tinymodels import assert_one_line_error
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

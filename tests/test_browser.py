@@ -24,13 +24,13 @@ uvicorn = pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver")
 
 import anyio  # noqa: E402
-from loopback import http, serve_app, tiny_live  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from alignvec_gguf.live import LiveModel  # noqa: E402
 from alignvec_gguf.server import create_app  # noqa: E402
+from tests.support.loopback import http, serve_app, tiny_live  # noqa: E402
 
 CHROMIUM = os.environ.get("ALIGNVEC_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ALIGNVEC_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -356,9 +356,8 @@ def test_the_demo_models_answer_as_their_levels_in_compare_mode(demo_server, bro
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory):
-    import realmodels as rm
-
     from converters import convert
+    from tests.support import realmodels as rm
 
     rm.fetch_or_skip()
     base = rm.real_base(("Q4_1",))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tinymodels as tm
 from gguf import GGUFReader
 
 from alignvec_gguf import AlignmentVector
@@ -20,6 +19,7 @@ from alignvec_gguf.atomic import file_lock
 from alignvec_gguf.cache import MergeCache, cached_merge, parse_size
 from alignvec_gguf.cli import main
 from alignvec_gguf.gguffile import tensor_bytes
+from tests.support import tinymodels as tm
 
 
 @pytest.fixture

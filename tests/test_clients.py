@@ -12,10 +12,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from loopback import free_port, process, serve_app, tiny_live  # noqa: E402
-
 import alignvec_gguf as av  # noqa: E402
 from alignvec_gguf.server import create_app  # noqa: E402
+from tests.support.loopback import free_port, process, serve_app, tiny_live  # noqa: E402
 
 PROMPT = "the patient reports"
 CHAT = [{"role": "user", "content": "my knee hurts after running"}]

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_crash import SLOW_WRITES
 
 from alignvec_gguf.atomic import file_lock
 from alignvec_gguf.cache import MergeCache
 from alignvec_gguf.merge import merge
+from tests.support.childcode import SLOW_WRITES
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock semantics; Windows locks differ")
 

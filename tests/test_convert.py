@@ -6,7 +6,6 @@ import copy
 
 import numpy as np
 import pytest
-import tinymodels as tm
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
@@ -14,6 +13,7 @@ from gguf import GGUFReader
 from alignvec_gguf.avfile import AlignmentVector
 from alignvec_gguf.gguffile import field, gguf_signature
 from converters import convert
+from tests.support import tinymodels as tm
 
 
 def test_delta_equals_llama_cpp_layout(llama_pair):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tinymodels as tm
 from gguf import GGMLQuantizationType as QT
 from llama_cpp import Llama
 
@@ -22,6 +21,7 @@ from alignvec_gguf import cpu, ggml, load
 from alignvec_gguf.cli import main
 from alignvec_gguf.errors import InputError
 from alignvec_gguf.ggufread import GGUFModel
+from tests.support import tinymodels as tm
 
 DEMO = Path(__file__).resolve().parent.parent / "alignvec_gguf" / "demo_data"
 BASE = DEMO / "base.Q4_K_M.gguf"

@@ -31,6 +31,7 @@ import pytest
 
 from alignvec_gguf.cache import MergeCache
 from alignvec_gguf.merge import merge
+from tests.support.childcode import SLOW_WRITES
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL, RLIMIT_FSIZE and /proc are Linux's")
 
@@ -39,22 +40,6 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO))
 SLOW = 0.02  # seconds per tensor write in a slowed child: 21 tensors, so a write phase of at least 0.4 s
 TIMEOUT = 120.0
 TEMPORARY = r"\.gguf\.\w{8}\.tmp$"  # a merged model's temporary, not the cache's digests.json's
-
-# Child code that slows every tensor write by spec["slow"] seconds, whichever writer is in use.
-SLOW_WRITES = r"""
-def _slow_down(cls, name, seconds):
-    write = getattr(cls, name)
-    def slow(self, *args, **kwargs):
-        time.sleep(seconds)
-        return write(self, *args, **kwargs)
-    setattr(cls, name, slow)
-if spec.get("slow"):
-    import gguf
-    from alignvec_gguf import ggufwrite
-    _slow_down(gguf.GGUFWriter, "write_tensor_data", spec["slow"])
-    if hasattr(ggufwrite, "GGUFStreamWriter"):  # the merge's own writer
-        _slow_down(ggufwrite.GGUFStreamWriter, "write_tensor", spec["slow"])
-"""
 
 CHILD = (
     r"""

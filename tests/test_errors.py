@@ -8,11 +8,11 @@ import shutil
 
 import numpy as np
 import pytest
-import tinymodels as tm
-from tinymodels import assert_one_line_error
 
 from alignvec_gguf.avfile import AlignmentVector, AVInfo, write_av
 from alignvec_gguf.cli import main
+from tests.support import tinymodels as tm
+from tests.support.tinymodels import assert_one_line_error
 
 
 def sha256(path) -> str:

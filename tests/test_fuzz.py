@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tinymodels import load_fuzz
+
+from tests.support import fuzzing as fuzz
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-fuzz = load_fuzz()
 FUZZ = settings(
     max_examples=300,
     derandomize=True,

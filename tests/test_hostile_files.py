@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pytest
 from gguf import GGUFValueType
-from tinymodels import assert_one_line_error, load_fuzz
 
 from alignvec_gguf import ggufheader
 from alignvec_gguf.avfile import AlignmentVector
@@ -32,8 +31,9 @@ from alignvec_gguf.errors import AlignVecError, CompatibilityError, FormatError
 from alignvec_gguf.gguffile import open_gguf
 from alignvec_gguf.ggufread import GGUFModel
 from alignvec_gguf.merge import merge
+from tests.support import fuzzing as fuzz
+from tests.support.tinymodels import assert_one_line_error
 
-fuzz = load_fuzz()
 STR, ARR, U32 = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.UINT32
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tinymodels as tm
 import torch
 from gguf import GGUFReader
 
@@ -25,6 +24,7 @@ from alignvec_gguf.cli import main
 from alignvec_gguf.gguffile import field
 from converters import convert
 from converters.hub import parse_hub_id, resolve
+from tests.support import tinymodels as tm
 
 REPO = Path(__file__).resolve().parent.parent
 

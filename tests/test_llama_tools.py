@@ -1,9 +1,9 @@
-"""llama.cpp's own tools, built from the pinned llama-cpp-python sdist (``tests/llamatools.py``), on what alignvec
-writes: llama-server serving a merged GGUF, llama-server with low-rank AVs as LoRA adapters and λ per request,
+"""llama.cpp's own tools, built from the pinned llama-cpp-python sdist (``tests/support/llamatools.py``), on what
+alignvec writes: llama-server serving a merged GGUF, llama-server with low-rank AVs as LoRA adapters and λ per request,
 and a merged model spread over llama.cpp's RPC backend. The oracle everywhere is greedy decoding by argmax over
 llama-cpp-python's logits in this process. Loopback only; every server gets a few requests and a timeout.
 
-They skip, saying so, until the tools are built: ``python tests/llamatools.py`` (once; about 40 minutes on 2
+They skip, saying so, until the tools are built: ``python -m tests.support.llamatools`` (once; about 40 minutes on 2
 shared cores), or ``ALIGNVEC_LLAMA_TOOLS_BUILD=1`` to let these tests build them.
 """
 
@@ -16,13 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import llamatools
 import numpy as np
 import pytest
-from loopback import free_port, http, process, tail
 
 import alignvec_gguf as av
 from alignvec_gguf.live import LiveModel
+from tests.support import llamatools
+from tests.support.loopback import free_port, http, process, tail
 
 PROMPT = "the patient reports"
 N_PREDICT = 16

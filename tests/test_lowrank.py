@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tinymodels as tm
 from gguf import GGUFReader
 
 from alignvec_gguf import AlignmentVector, merge
@@ -16,6 +15,7 @@ from alignvec_gguf.cli import main
 from alignvec_gguf.errors import FormatError, InputError
 from converters import convert
 from converters.lowrank import choose_rank, factor, factor_matrix, write_lowrank
+from tests.support import tinymodels as tm
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250]
 

@@ -6,12 +6,12 @@ import hashlib
 
 import numpy as np
 import pytest
-import tinymodels as tm
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 
 from alignvec_gguf import AlignmentVector, ggml, merge
 from alignvec_gguf.gguffile import field, tensor_bytes, tensor_shape
+from tests.support import tinymodels as tm
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250]
 LAMBDAS = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0]

@@ -12,7 +12,6 @@ import struct
 
 import numpy as np
 import pytest
-import tinymodels as tm
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFWriter
 
@@ -23,6 +22,7 @@ from alignvec_gguf.gguffile import field, tensor_bytes, tensor_shape
 from alignvec_gguf.identity import signature
 from alignvec_gguf.imatrix import load_imatrix
 from alignvec_gguf.merge import IMATRIX_FALLBACK
+from tests.support import tinymodels as tm
 
 merge_mod = importlib.import_module("alignvec_gguf.merge")  # the module (the package exports merge())
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import realmodels as rm
-import tinymodels as tm
 import torch
 
 from alignvec_gguf.fidelity import kl_divergence, shift_stats
 from alignvec_gguf.merge import DEFAULT_POLICY, merge
+from tests.support import realmodels as rm
+from tests.support import tinymodels as tm
 
 LAMBDAS = (0.5, 1.0)
 # what a few seconds of SFT of the last blocks moves: a real, structured change, large enough to show

@@ -17,10 +17,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from loopback import serve_app, tiny_live  # noqa: E402
-
 from alignvec_gguf.cli import main  # noqa: E402
 from alignvec_gguf.server import create_app  # noqa: E402
+from tests.support.loopback import serve_app, tiny_live  # noqa: E402
 
 PROMPT = "the patient reports"
 

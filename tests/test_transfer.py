@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tinymodels as tm
 import torch
 from gguf import GGUFReader
 
@@ -21,6 +20,7 @@ from alignvec_gguf import AlignmentVector, AVInfo, CompatibilityError, merge, wr
 from alignvec_gguf.cli import main
 from alignvec_gguf.identity import Fingerprint, check_fingerprint
 from converters import convert
+from tests.support import tinymodels as tm
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250]
 TRANSFER = "was made from"

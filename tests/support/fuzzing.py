@@ -51,14 +51,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gguf import GGUFReader, GGUFValueType, GGUFWriter  # noqa: E402
-
-from alignvec_gguf.avfile import AVInfo, LoraStats, write_av, write_lowrank_av  # noqa: E402
-from alignvec_gguf.errors import AlignVecError  # noqa: E402
-from alignvec_gguf.identity import Fingerprint, signature  # noqa: E402
+from alignvec_gguf.avfile import AVInfo, LoraStats, write_av, write_lowrank_av
+from alignvec_gguf.errors import AlignVecError
+from alignvec_gguf.identity import Fingerprint, signature
+from tests.support import REPO
 
 ARCH = "llama"
 # The tiny base: (name, numpy shape, storage). Q8_0 rows are 32-value blocks; token_embd stays F32.
@@ -562,6 +560,13 @@ class Runner:
         return "ok", ""
 
 
+def _child_env() -> dict[str, str]:
+    """This environment with the repository root first on ``PYTHONPATH``: a child runs ``-m tests.support.fuzzing``
+    from any directory."""
+    paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def worker(root: Path) -> None:
     """Read ``TARGET<TAB>PATH<TAB>MERGE`` lines, run them, answer one JSON line each."""
     import resource
@@ -581,9 +586,9 @@ class WorkerProcess:
 
     def start(self) -> subprocess.Popen[str]:
         if self.proc is None or self.proc.poll() is not None:
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            env = {**_child_env(), "OMP_NUM_THREADS": "1"}
             self.proc = subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(self.root)],
+                [sys.executable, "-m", "tests.support.fuzzing", "--worker", str(self.root)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -652,9 +657,10 @@ def run_atheris(runs: int, root: Path, timeout: float) -> dict[str, Any]:
     findings = root / "findings"
     findings.mkdir(exist_ok=True)
     max_len = 2 * max(f.stat().st_size for f in seeds.glob("*.gguf"))
-    cmd = [sys.executable, __file__, "--atheris-worker", str(seeds), f"-runs={runs}", f"-max_len={max_len}"]
+    cmd = [sys.executable, "-m", "tests.support.fuzzing", "--atheris-worker", str(seeds)]
+    cmd += [f"-runs={runs}", f"-max_len={max_len}"]
     cmd += [f"-timeout={int(timeout)}", "-rss_limit_mb=4096", f"-artifact_prefix={findings}/", str(corpus)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     log = proc.stdout + proc.stderr
     done = re.search(r"Done (\d+) runs in (\d+) second", log)
     escaped = "Uncaught Python exception" in log

@@ -2,9 +2,9 @@
 once from the llama.cpp source inside the pinned llama-cpp-python sdist and cached outside the clone.
 
 Shared by the tests (``tests/test_llama_tools.py``) and the benchmarks (``benchmarks/live.py``,
-``benchmarks/merge.py``), which put ``tests/`` on ``sys.path`` as they do for ``tinymodels``::
+``benchmarks/merge.py``), which import it from the repository root as the rest of ``tests.support``::
 
-    import llamatools
+    from tests.support import llamatools
     bindir = llamatools.ensure()            # builds on first use (minutes), then returns at once
     server = bindir / "llama-server"
 
@@ -30,10 +30,11 @@ import tarfile
 import time
 from pathlib import Path
 
+from tests.support import REPO
+
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the pin in pyproject.toml; the sdist holds llama.cpp's source
-REPO = Path(__file__).resolve().parent.parent
 # cmake target -> the executable's file name (the RPC server is called ggml-rpc-server in this llama.cpp)
 TARGETS = {
     "llama-server": "llama-server",
@@ -219,13 +220,13 @@ def ensure(targets: tuple[str, ...] = tuple(TARGETS), *, build_missing: bool = T
     if not build_missing:
         minutes = round(((record() or {}).get("seconds_total") or EXPECTED_BUILD_S) / 60)
         raise ToolsUnavailable(
-            f"llama.cpp's tools are not built (once, about {minutes} min on 2 cores): run python tests/llamatools.py, "
-            "or set ALIGNVEC_LLAMA_TOOLS_BUILD=1 to let the tests build them"
+            f"llama.cpp's tools are not built (once, about {minutes} min on 2 cores): "
+            "run python -m tests.support.llamatools, or set ALIGNVEC_LLAMA_TOOLS_BUILD=1 to let the tests build them"
         )
     return build(targets)
 
 
-if __name__ == "__main__":  # python tests/llamatools.py: build (or find) the tools, print where and how long
+if __name__ == "__main__":  # python -m tests.support.llamatools: build (or find) the tools, print where and how long
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         where = ensure()

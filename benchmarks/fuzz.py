@@ -1,8 +1,8 @@
 """Fuzzing the file readers with hostile GGUF models and alignment vectors: nothing but AlignVecError may escape.
 
-The command over the fuzz engine in ``tests/support/fuzzing.py`` (its seeds and mutations in
-``tests/support/mutations.py``, shared with tests/test_fuzz.py and tests/test_hostile_files.py): mutants of
-small valid models and vectors, and random bytes, run in a worker subprocess through two targets (``gguf``:
+The command over the fuzz engine in ``tests/support/fuzzing.py`` (its seeds in ``fuzzseeds.py`` and its
+mutations in ``mutations.py`` beside it, shared with tests/test_fuzz.py and test_hostile_files.py): mutants
+of small valid models and vectors, and random bytes, run in a worker subprocess through two targets (``gguf``:
 the model readers, a merge plan and a merge; ``av``: the vector reader, the compatibility checks, every delta
 and a merge). Outcomes: ``ok``, ``rejected`` (an AlignVecError: the wanted failure), ``escaped`` (any other
 exception: a bug), ``crash``, ``hang``. ``--atheris RUNS`` adds coverage-guided fuzzing (``pip install

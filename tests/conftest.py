@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,13 @@ import pytest
 
 from tests.support import REPO
 from tests.support import tinymodels as tm
+from tests.support.commands import run_main
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
+    """``run_cli(*argv)``: ``alignvec ARGV...`` in this process, returning (exit status, stderr)."""
+    return functools.partial(run_main, capsys)
 
 
 @pytest.fixture(scope="session")

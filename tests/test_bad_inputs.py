@@ -10,7 +10,6 @@ files) and tests/test_cli.py (write failures: ENOSPC and EACCES from the writer)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,9 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignvec_gguf.cli import main, one_line
+from alignvec_gguf.cli import main
+from alignvec_gguf.cli.app import one_line
 from tests.support import tinymodels as tm
-from tests.support.tinymodels import assert_one_line_error
+from tests.support.commands import assert_one_line_error, run_main
+from tests.support.files import sha256
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -42,12 +43,7 @@ def cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Callable[..., str
 
     def run(*argv: object, needles: tuple[str, ...] = ()) -> str:
         before = snapshot(tmp_path)
-        capsys.readouterr()
-        try:
-            rc = main(["-q", *(str(a) for a in argv)])
-        except SystemExit as e:  # argparse's usage errors
-            rc = int(e.code or 0)
-        line = assert_one_line_error(rc, capsys.readouterr().err, *needles)
+        line = assert_one_line_error(*run_main(capsys, "-q", *argv), *needles)
         assert snapshot(tmp_path) == before, "something was written"
         return line
 
@@ -163,10 +159,6 @@ def base(quantized_bases, tmp_path: Path) -> Path:
     path = tmp_path / "base.gguf"
     shutil.copy(quantized_bases["Q8_0"], path)
     return path
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(

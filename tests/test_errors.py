@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -10,25 +9,9 @@ import numpy as np
 import pytest
 
 from alignvec_gguf.avfile import AlignmentVector, AVInfo, write_av
-from alignvec_gguf.cli import main
 from tests.support import tinymodels as tm
-from tests.support.tinymodels import assert_one_line_error
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def run_cli(capsys):
-    def run(*argv: str) -> tuple[int, str]:
-        capsys.readouterr()  # drop what fixtures printed
-        with pytest.raises(SystemExit) as exc:
-            raise SystemExit(main([str(a) for a in argv]))
-        err = capsys.readouterr().err
-        return int(exc.value.code or 0), err
-
-    return run
+from tests.support.commands import assert_one_line_error
+from tests.support.files import sha256
 
 
 def _bad_av(llama_pair, tmp_path, name: str, **changes) -> str:

@@ -1,6 +1,6 @@
 """Fuzzing the readers with hypothesis: on any mutant of a valid model or vector, only AlignVecError escapes.
 
-The mutations are benchmarks/fuzz.py's (byte flips, truncation, insertions, header fields set to
+The mutations are the fuzzer's (tests/support/mutations.py: byte flips, truncation, insertions, header fields set to
 interesting values, logical edits of types, shapes, names and values), with hypothesis choosing, so
 that a failure shrinks to a small example. 4 × 300 examples with a fixed seed run here (about 8 s);
 the benchmark runs ten thousand in a subprocess that may crash.
@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support import fuzzing as fuzz
+from tests.support import fuzzseeds, mutations
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,7 @@ class Draws:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], Any]:
     root = tmp_path_factory.mktemp("fuzz")
-    seeds = fuzz.make_seeds(root)
+    seeds = fuzzseeds.make_seeds(root)
     return root, seeds, fuzz.Runner(root)
 
 
@@ -71,7 +72,7 @@ def test_mutated_models(world, data):
     _, seeds, _ = world
     r = Draws(data)
     seed = seeds[r.choice(sorted(seeds))]
-    run(world, "gguf", fuzz.mutate(seed, r))
+    run(world, "gguf", mutations.mutate(seed, r))
 
 
 @FUZZ
@@ -80,7 +81,7 @@ def test_mutated_vectors(world, data):
     _, seeds, _ = world
     r = Draws(data)
     seed = seeds[r.choice(("full.avec.gguf", "q8.avec.gguf", "lora.avec.gguf"))]
-    run(world, "av", fuzz.mutate(seed, r))
+    run(world, "av", mutations.mutate(seed, r))
 
 
 @FUZZ
@@ -90,7 +91,7 @@ def test_logical_mutants(world, data):
     root, seeds, _ = world
     r = Draws(data)
     name = r.choice(sorted(seeds))
-    run(world, "gguf" if name == "base.gguf" else "av", fuzz.mutate_logical(seeds[name], root, r))
+    run(world, "gguf" if name == "base.gguf" else "av", mutations.mutate_logical(seeds[name], root, r))
 
 
 @FUZZ

@@ -6,14 +6,13 @@ three things: the API raises the typed error (:class:`FormatError` for a broken 
 ``alignvec merge`` (with the bad file as base or as vector) exit with status 2 and exactly one
 line on stderr, no traceback; the base is unchanged and no output (or temporary) is left.
 
-The tiny base and vectors come from benchmarks/fuzz.py (the same seeds the fuzzer mutates). Rows
+The tiny base and vectors come from tests/support/fuzzseeds.py (the same seeds the fuzzer mutates). Rows
 already covered by tests/test_errors.py are not repeated: architecture, shapes, unknown tensor,
 signature, truncated vector, noise, a model given as vector, NaN in an F32 full-form vector.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import struct
 from collections.abc import Callable
@@ -26,13 +25,13 @@ from gguf import GGUFValueType
 
 from alignvec_gguf import ggufheader
 from alignvec_gguf.avfile import AlignmentVector
-from alignvec_gguf.cli import main
 from alignvec_gguf.errors import AlignVecError, CompatibilityError, FormatError
-from alignvec_gguf.gguffile import open_gguf
 from alignvec_gguf.ggufread import GGUFModel
+from alignvec_gguf.gguffile import open_gguf
 from alignvec_gguf.merge import merge
-from tests.support import fuzzing as fuzz
-from tests.support.tinymodels import assert_one_line_error
+from tests.support import fuzzseeds, mutations
+from tests.support.commands import assert_one_line_error
+from tests.support.files import sha256
 
 STR, ARR, U32 = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.UINT32
 
@@ -40,21 +39,7 @@ STR, ARR, U32 = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.UINT32
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("tiny")
-    return {"root": root, **fuzz.make_seeds(root)}
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
-    def run(*argv: object) -> tuple[int, str]:
-        capsys.readouterr()
-        rc = main([str(a) for a in argv])
-        return rc, capsys.readouterr().err
-
-    return run
+    return {"root": root, **fuzzseeds.make_seeds(root)}
 
 
 def check_cli(
@@ -79,7 +64,7 @@ def write(tmp_path: Path, data: bytes, role: str) -> Path:
 
 
 def patch(seed: Any, kind: str, value: int, nth: int = 0) -> bytes:
-    """The seed with its ``nth`` header field of ``kind`` (see fuzz.Slot) set to ``value``."""
+    """The seed with its ``nth`` header field of ``kind`` (see fuzzseeds.Slot) set to ``value``."""
     slot = [s for s in seed.slots if s.kind == kind][nth]
     data = bytearray(seed.data)
     data[slot.offset : slot.offset + slot.size] = value.to_bytes(slot.size, "little")
@@ -88,9 +73,9 @@ def patch(seed: Any, kind: str, value: int, nth: int = 0) -> bytes:
 
 def edit(tiny: dict[str, Any], seed: str, change: Callable[[list[Any], list[Any]], None]) -> bytes:
     """The seed rebuilt after ``change(kvs, tensors)`` edited its metadata or tensors in place."""
-    kvs, tensors = fuzz.read_logical(tiny[seed].data, tiny["root"])
+    kvs, tensors = mutations.read_logical(tiny[seed].data, tiny["root"])
     change(kvs, tensors)
-    return fuzz.serialize(kvs, tensors)
+    return mutations.serialize(kvs, tensors)
 
 
 def set_kv(key: str, vtype: GGUFValueType, value: Any, item: GGUFValueType | None = None) -> Callable[..., None]:
@@ -237,7 +222,7 @@ SECTIONS = ["magic", "version", "counts", "each key", "each tensor info", "paddi
 
 
 def _cuts(path: Path, section: str) -> list[int]:
-    _, bounds, data_offset = fuzz.layout(path)
+    _, bounds, data_offset = fuzzseeds.layout(path)
     size = path.stat().st_size
     n_kv = len(open_gguf(path).fields) - 3
     kv_ends = bounds[3 : 3 + n_kv]

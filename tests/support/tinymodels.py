@@ -377,20 +377,6 @@ def assert_layout_oracle(av_path: Path, base_gguf: Path, aligned_gguf: Path) -> 
         np.testing.assert_array_equal(av.delta(name), expected, err_msg=name)
 
 
-# --- shared assertions and helpers of the bad-input tests ------------------------------------------
-
-
-def assert_one_line_error(rc: int, err: str, *needles: str) -> str:
-    """Exit status 2, exactly one non-empty stderr line holding every needle, no traceback; returns the line."""
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 def edited_copy(src: Path, dst: Path) -> Path:
     """A copy of the GGUF ``src`` with the lowest bit of its last tensor's first byte flipped (a float32's mantissa:
     still finite, still plausible), so only a content digest can tell it from the original."""

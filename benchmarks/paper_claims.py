@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "examples" / "preference_spectrum"))
 import data as spectrum  # noqa: E402
 
 from alignvec_gguf import merge  # noqa: E402
-from alignvec_gguf.demo import demo_data  # noqa: E402
+from alignvec_gguf.demodata import demo_data  # noqa: E402
 from alignvec_gguf.eval import by_domain, evaluate  # noqa: E402
 from alignvec_gguf.search import DEFAULT_GRID, search  # noqa: E402
 

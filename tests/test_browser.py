@@ -318,7 +318,7 @@ def lowrank_from_full(full: Path, base: Path, out: Path, rank: int) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    from alignvec_gguf.demo import demo_data
+    from alignvec_gguf.demodata import demo_data
 
     root = tmp_path_factory.mktemp("demo-lowrank")
     with demo_data() as data:
@@ -331,7 +331,7 @@ def demo_server(tmp_path_factory):
 
 
 def test_the_demo_models_answer_as_their_levels_in_compare_mode(demo_server, browser):
-    from alignvec_gguf.demo import demo_question
+    from alignvec_gguf.demodata import demo_question
 
     item = demo_question()
     open_page(browser, demo_server)

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 from gguf import GGUFReader
 
-from alignvec_gguf.cli import main, parse_vector
+from alignvec_gguf.cli import main
+from alignvec_gguf.cli.args import parse_vector
 from alignvec_gguf.errors import InputError
 from alignvec_gguf.gguffile import field
 

@@ -208,7 +208,7 @@ def test_eval_scorer_fidelity_and_test_helpers(amx: list[bool], quantized_bases)
 
 
 def test_demo_generate(amx: list[bool]) -> None:
-    from alignvec_gguf import demo
+    from alignvec_gguf import demodata as demo
 
     assert isinstance(demo.generate(BASE, "The patient", 4), str)
     assert amx == [True]

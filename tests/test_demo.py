@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from alignvec_gguf import demo
+from alignvec_gguf import demodata as demo
 from alignvec_gguf.avfile import AlignmentVector
 from alignvec_gguf.cli import main
+from alignvec_gguf.cli.demo import format_answers
 from alignvec_gguf.errors import InputError
 
 N_TOKENS = 12
@@ -151,7 +152,7 @@ def test_missing_demo_data_is_one_line(cache, monkeypatch, capsys):
 
 def test_format_answers_wraps_under_labels():
     answers = {-1.0: "word " * 40, 0.0: "", 1.0: "Clinically, short."}
-    text = demo.format_answers("Question: q? Answer:", answers, width=60)
+    text = format_answers("Question: q? Answer:", answers, width=60)
     lines = text.splitlines()
     assert lines[0] == "Question: q? Answer:"
     assert all(len(line) <= 60 for line in lines)

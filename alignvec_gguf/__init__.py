@@ -10,7 +10,8 @@ from ._version import __version__
 from .avfile import AlignmentVector, AVInfo, write_av
 from .cache import cached_merge
 from .errors import AlignVecError, CompatibilityError, DiskFullError, FormatError, InputError
-from .merge import MergeReport, merge
+from .diagnose import MergeReport
+from .merge import merge
 from .runtime import load
 
 __all__ = [

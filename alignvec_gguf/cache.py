@@ -38,7 +38,7 @@ from .avfile import AlignmentVector
 from .errors import AlignVecError, DiskFullError, InputError
 from .ggufread import shard_paths
 from .merge import merge
-from .mix import Vectors, open_vectors
+from .mix import VectorMix, Vectors
 from .policy import DEFAULT_POLICY, parse_requant
 
 log = logging.getLogger(__name__)
@@ -154,12 +154,12 @@ class MergeCache:
     def key(
         self,
         base: Path,
-        vectors: list[tuple[AlignmentVector, float]],
+        vectors: VectorMix,
         requant: str,
         imatrix: str | os.PathLike[str] | None = None,
         full_base: str | os.PathLike[str] | None = None,
     ) -> str:
-        """The content key of a mix (hex sha256)."""
+        """The content key of a mix (hex sha256); ``vectors`` as :meth:`VectorMix.open` gives it."""
         for what, extra in (("importance matrix", imatrix), ("full-precision base", full_base)):
             if extra is not None and not Path(extra).is_file():
                 raise InputError(f"{what} {extra} does not exist")
@@ -175,7 +175,7 @@ class MergeCache:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-    def canonical(self, vectors: list[tuple[AlignmentVector, float]]) -> list[tuple[AlignmentVector, float]]:
+    def canonical(self, vectors: VectorMix) -> VectorMix:
         """The mix as it is keyed and merged: λ = 0 left out, the rest in the order of their file digests.
 
         float32 sums depend on their order and the merged file records its vectors, so the merge of a
@@ -185,9 +185,7 @@ class MergeCache:
         for av, _ in vectors:  # remember the digest; it orders the mix and keys it
             if "sha256" not in av.__dict__:  # hashing an AV checks its recorded content digest too
                 av.__dict__["sha256"] = self.file_digest(av.path, _av_hasher(av))
-        return sorted(
-            ((av, lam) for av, lam in vectors if lam != 0.0), key=lambda p: (p[0].sha256, p[1], _recorded_name(p[0]))
-        )
+        return vectors.canonical(lambda av, lam: (av.sha256, lam, _recorded_name(av)))
 
     # --- entries --------------------------------------------------------------------------------
 
@@ -210,7 +208,7 @@ class MergeCache:
     def get(
         self,
         base: str | os.PathLike[str],
-        vectors: Vectors,
+        vectors: Vectors | VectorMix,
         *,
         requant: str = DEFAULT_POLICY,
         imatrix: str | os.PathLike[str] | None = None,
@@ -219,10 +217,12 @@ class MergeCache:
     ) -> Path:
         """The path of the merged model for this mix, merging it first (once, across processes) if needed.
 
-        A mix whose λ are all 0 is the base itself: its path is returned (nothing is merged or written).
+        ``vectors`` is the mapping users pass or a :class:`VectorMix` (opened and checked once, here or by
+        the caller, and handed on to the merge as it is). A mix whose λ are all 0 is the base itself: its
+        path is returned (nothing is merged or written).
         """
         base = Path(base)
-        opened = open_vectors(vectors)
+        opened = VectorMix.open(vectors)
         check_base(base)
         key = self.key(base, opened, requant, imatrix, full_base)
         opened = self.canonical(opened)
@@ -242,7 +242,7 @@ class MergeCache:
                 return path
             try:
                 report = merge(
-                    base, dict(opened), path, requant=requant, progress=progress, imatrix=imatrix, full_base=full_base
+                    base, opened, path, requant=requant, progress=progress, imatrix=imatrix, full_base=full_base
                 )
             except BaseException as e:
                 lock.unlink(missing_ok=True)  # no entry to guard (allowed while holding it: atomic.file_lock)
@@ -367,7 +367,7 @@ def _recorded_name(av: AlignmentVector) -> str:
 
 def cached_merge(
     base: str | os.PathLike[str],
-    vectors: Vectors,
+    vectors: Vectors | VectorMix,
     *,
     requant: str = DEFAULT_POLICY,
     cache_dir: str | os.PathLike[str] | None = None,

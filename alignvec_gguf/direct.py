@@ -3,7 +3,7 @@
 llama.cpp 0.3.36 (as bound by llama-cpp-python) can build a model from a GGUF metadata context and a
 callback that fills each tensor. Here the metadata comes from the base file (``gguf_init_from_file``
 without its data), tensor types follow the merge plan, and the callback writes each tensor: the
-base's bytes where no vector touches it, the merged tensor (``merge.run_job``) where one does. No
+base's bytes where no vector touches it, the merged tensor (``tensormerge.run_job``) where one does. No
 disk is used, but llama.cpp loads such a model with ``use_extra_bufts = false``: weights are not
 repacked into the CPU's interleaved layout (Q4_K and friends), and the whole model is read into
 memory instead of memory-mapped. benchmarks/merge.py measures the trade; see README, "Cache and load
@@ -25,11 +25,13 @@ import numpy as np
 
 from . import cpu, ggml
 from .cpu import new_llama
+from .diagnose import MergeReport, diagnose, float_fingerprint
 from .errors import AlignVecError, CompatibilityError
 from .imatrix import Imatrix
-from .merge import MergePlan, MergeReport, diagnose, float_fingerprint, run_job
-from .mix import Vectors
+from .mix import VectorMix, Vectors
+from .plan import MergePlan
 from .policy import DEFAULT_POLICY
+from .tensormerge import run_job
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -48,7 +50,7 @@ class _Uploader:
         self.error: BaseException | None = None
         self.uploaded = 0
         self.filled: list[str] = []
-        # what a file merge reports (merge.diagnose): touched tensors, their kept share, the base's fingerprint
+        # what a file merge reports (diagnose.py): touched tensors, their kept share, the base's fingerprint
         self.report = MergeReport(path=plan.base, policy=plan.policy.name)
         self.fingerprint = float_fingerprint(plan)
 
@@ -87,7 +89,7 @@ class _Uploader:
 
 def load_direct(
     base: str | os.PathLike[str],
-    vectors: Vectors,
+    vectors: Vectors | VectorMix,
     *,
     requant: str = DEFAULT_POLICY,
     imatrix: str | os.PathLike[str] | Imatrix | None = None,
@@ -96,7 +98,7 @@ def load_direct(
 ) -> Llama:
     """A ``llama_cpp.Llama`` of base + Σ λ_i Δ_i built in memory, with no merged file on disk.
 
-    It logs the diagnostics a file merge logs (:func:`merge.diagnose`: type fallbacks, the kept-share
+    It logs the diagnostics a file merge logs (``diagnose.diagnose``: type fallbacks, the kept-share
     warning, the fingerprint check).
     """
     import llama_cpp.llama_cpp as C

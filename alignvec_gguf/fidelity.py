@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 
 from .cpu import new_llama
+from .diagnose import MergeReport
 from .errors import InputError
 from .ggufread import GGUFModel
-from .merge import MergeReport, merge
-from .mix import VectorRef, Vectors, open_vectors
+from .merge import merge
+from .mix import VectorMix, Vectors
 from .policy import parse_requant
 
 # A fixed text over several domains: tokenized by the model itself, so every model sees its own tokens.
@@ -177,7 +178,7 @@ def shift_stats(shift: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 def fidelity(
     base: str | os.PathLike[str],
-    vectors: Vectors,
+    vectors: Vectors | VectorMix,
     *,
     policies: tuple[str, ...] | list[str] = DEFAULT_POLICIES,
     full_base: str | os.PathLike[str] | None = None,
@@ -195,12 +196,11 @@ def fidelity(
     as ``"reference"`` too) and its result is kept in :attr:`Measure.extra` (e.g. preference accuracy).
     """
     base = Path(base)
-    opened = open_vectors(vectors)
-    if not opened or all(lam == 0 for _, lam in opened):
+    mix = VectorMix.open(vectors)  # once: every merge below takes the mix as it is
+    if mix.is_identity:
         raise InputError("fidelity needs at least one vector with λ ≠ 0: at λ = 0 there is no knob to keep")
     for p in policies:
         parse_requant(p)
-    mix: dict[VectorRef, float] = {av: lam for av, lam in opened}
     model = GGUFModel(base, "base model")
     base_size = model.size()
     context = model.field(f"{model.field('general.architecture')}.context_length", 512)
@@ -220,7 +220,7 @@ def fidelity(
         base_logits = ref_base_logits if full_base is None else model_logits(base, toks, threads, window)
         report = FidelityReport(
             base=str(base),
-            lambdas=[lam for _, lam in opened],
+            lambdas=[lam for _, lam in mix],
             n_tokens=len(toks),
             reference="full-precision base" if full_base is not None else "quantized base, touched tensors in float32",
             ref_shift_rms=float(np.sqrt(np.mean(ref_shift**2))),

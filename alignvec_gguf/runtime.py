@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .cache import MergeCache, check_base
 from .cpu import new_llama
 from .errors import InputError
-from .mix import Vectors, open_vectors
+from .mix import VectorMix, Vectors
 from .policy import DEFAULT_POLICY
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ LOAD_MODES = ("cached", "direct")
 
 def load(
     base: str | os.PathLike[str],
-    vectors: Vectors,
+    vectors: Vectors | VectorMix,
     *,
     requant: str = DEFAULT_POLICY,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -52,8 +52,9 @@ def load(
         raise InputError(f"unknown load mode {mode!r}; use one of {', '.join(LOAD_MODES)}")
     llama_kwargs.setdefault("verbose", False)
 
-    opened = open_vectors(vectors)  # a mapping of valid vectors and λ, or one InputError line
-    if not any(lam != 0 for _, lam in opened):
+    # the vectors are opened and checked here, once; the cache and the merge take the mix as it is
+    mix = VectorMix.open(vectors)  # or one InputError line
+    if mix.is_identity:
         # λ = 0 everywhere is the base itself: nothing to merge
         path = Path(base)
         check_base(path)
@@ -61,10 +62,10 @@ def load(
     if mode == "direct":
         from .direct import load_direct
 
-        return load_direct(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, **llama_kwargs)
+        return load_direct(base, mix, requant=requant, imatrix=imatrix, full_base=full_base, **llama_kwargs)
     cache = MergeCache(cache_dir)
     for _ in range(3):
-        path = cache.get(base, vectors, requant=requant, imatrix=imatrix, full_base=full_base, progress=progress)
+        path = cache.get(base, mix, requant=requant, imatrix=imatrix, full_base=full_base, progress=progress)
         with cache.using(path):  # eviction by another process leaves an entry alone while it is being opened
             if path.exists():  # else it was evicted between the lookup and the lock: look up again
                 return new_llama(path, **llama_kwargs)

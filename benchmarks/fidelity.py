@@ -48,8 +48,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from alignvec_gguf.blockcodec import GRID_TYPES  # noqa: E402
 from alignvec_gguf.fidelity import fidelity, sequence_logprobs  # noqa: E402
-from alignvec_gguf.merge import DEFAULT_POLICY  # noqa: E402
+from alignvec_gguf.policy import DEFAULT_POLICY  # noqa: E402
 from converters import convert  # noqa: E402
 from tests.support import realmodels as rm  # noqa: E402
 from tests.support import tinymodels as tm  # noqa: E402
@@ -365,7 +366,7 @@ def grids(args: argparse.Namespace) -> None:
 
             ggml_kept, ggml_cos = kept(ggml.quantize(base.reshape(w.shape) + delta, qt, im))
             row = {"ggml_kept": ggml_kept, "ggml_cos": ggml_cos}
-            if qt in requant.GRID_TYPES:
+            if qt in GRID_TYPES:
                 for rounding in requant.ROUNDINGS:
                     row[rounding] = kept(requant.requantize_on_grid(raw, qt, delta.reshape(-1), rounding, seed=1)[0])[0]
                 row["dither_noise"] = requant.dither_noise(raw, qt, delta.reshape(-1))

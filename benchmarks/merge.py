@@ -158,7 +158,7 @@ def _child(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         return {"seconds": time.perf_counter() - t0, "touched": len(report.touched)}
     if task == "digest":  # the cache remembers the inputs' content digests: later merges skip hashing them
         from alignvec_gguf.cache import MergeCache
-        from alignvec_gguf.merge import open_vectors
+        from alignvec_gguf.mix import open_vectors
 
         MergeCache(spec["cache"]).key(Path(spec["base"]), open_vectors({spec["av"]: spec["lam"]}), spec["requant"])
         return {"seconds": time.perf_counter() - t0}
@@ -304,7 +304,7 @@ def main() -> None:
         return
 
     from alignvec_gguf import ggml
-    from alignvec_gguf.merge import DEFAULT_POLICY
+    from alignvec_gguf.policy import DEFAULT_POLICY
 
     threads = ggml.default_threads()
     dims = SIZES["quick" if args.quick else "full"]

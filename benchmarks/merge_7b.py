@@ -41,7 +41,7 @@ def main(args: argparse.Namespace, size: str = "7b") -> None:
     """The measurements above on the ``size`` model of :data:`synthetic.SHAPES` (``--lean`` runs them at 90m
     or 1b too, for the scaling table)."""
     from alignvec_gguf import ggml
-    from alignvec_gguf.merge import DEFAULT_POLICY
+    from alignvec_gguf.policy import DEFAULT_POLICY
 
     threads = ggml.default_threads()
     dims = synthetic.SHAPES[size]

@@ -13,10 +13,12 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from alignvec_gguf import ggml
+from alignvec_gguf.blockcodec import grid_values
 from alignvec_gguf.cli import main
 from alignvec_gguf.fidelity import fidelity, kl_divergence, shift_stats
-from alignvec_gguf.merge import DEFAULT_POLICY, MergePlan
-from alignvec_gguf.requant import dither_noise, grid_values
+from alignvec_gguf.plan import MergePlan
+from alignvec_gguf.policy import DEFAULT_POLICY
+from alignvec_gguf.requant import dither_noise
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250, 1, 300, 12, 8, 77, 123, 45, 6, 90, 210, 11, 2]
 

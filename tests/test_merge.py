@@ -253,7 +253,7 @@ def test_parallel_pipeline_is_byte_identical_to_one_thread(llama_pair, quantized
 
 @pytest.mark.parametrize("policy", ["grid", "calibrated", "dither"])
 def test_grid_policies_keep_types_scales_and_untouched_bytes(llama_pair, quantized_bases, tmp_path, policy):
-    from alignvec_gguf.requant import CODECS
+    from alignvec_gguf.blockcodec import CODECS
 
     base_path = quantized_bases["Q4_K_M"]
     out = merge(base_path, {llama_pair.av: 1.0}, tmp_path / "m.gguf", requant=policy)
@@ -379,7 +379,7 @@ def _resident(path) -> int:
 def test_the_plan_leaves_no_pages_of_its_inputs_resident(llama_pair, quantized_bases):
     """Choosing types samples every touched tensor (unbiased's noise, hifi's check): a 7B plan paged in GBs."""
     from alignvec_gguf import pages
-    from alignvec_gguf.merge import MergePlan
+    from alignvec_gguf.plan import MergePlan
 
     if not pages._libc():
         pytest.skip("no libc madvise here")
@@ -446,7 +446,8 @@ def test_a_plain_merge_records_what_it_read_and_refuses_an_edited_vector(llama_p
 def test_kept_share_warning_advises_a_policy_other_than_the_one_used(policy, advice):
     from types import SimpleNamespace
 
-    from alignvec_gguf.merge import Kept, _kept_warning
+    from alignvec_gguf.diagnose import kept_warning as _kept_warning
+    from alignvec_gguf.tensormerge import Kept
 
     report = SimpleNamespace(
         kept={"blk.0.attn_v.weight": Kept(0.4, 1.0), "blk.0.attn_q.weight": Kept(1.0, 1.0)},

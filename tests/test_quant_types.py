@@ -15,13 +15,13 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFWriter
 
-from alignvec_gguf import AlignmentVector, ggml, merge, requant
+from alignvec_gguf import AlignmentVector, blockcodec, diagnose, ggml, merge, policy, requant
 from alignvec_gguf.avfile import AVInfo, write_av
 from alignvec_gguf.errors import CompatibilityError, FormatError
 from alignvec_gguf.gguffile import field, tensor_bytes, tensor_shape
 from alignvec_gguf.identity import signature
 from alignvec_gguf.imatrix import load_imatrix
-from alignvec_gguf.merge import IMATRIX_FALLBACK
+from alignvec_gguf.policy import IMATRIX_FALLBACK
 from tests.support import tinymodels as tm
 
 merge_mod = importlib.import_module("alignvec_gguf.merge")  # the module (the package exports merge())
@@ -90,41 +90,41 @@ def test_merge_keeps_every_type_and_matches_ggml(llama_pair, typed_bases, tmp_pa
     assert np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("qtype", sorted(requant.CODECS, key=lambda t: t.name), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", sorted(blockcodec.CODECS, key=lambda t: t.name), ids=lambda t: t.name)
 def test_grid_codecs_agree_with_ggml(qtype):
     rows = np.random.default_rng(3).standard_normal((8, 512)).astype(np.float32)
     raw = ggml.quantize(rows, qtype)
-    codec = requant.CODECS[qtype]
+    codec = blockcodec.CODECS[qtype]
     blocks = raw.reshape(-1, codec.type_size)
     q, _, _ = codec.unpack(blocks)
     assert q.min() >= codec.qmin and q.max() <= codec.qmax
     assert np.array_equal(codec.pack(blocks, q), blocks)  # the layout round-trips bit for bit
-    np.testing.assert_array_equal(requant.grid_values(raw, qtype), ggml.dequantize(raw, qtype, rows.size))
+    np.testing.assert_array_equal(blockcodec.grid_values(raw, qtype), ggml.dequantize(raw, qtype, rows.size))
     same, refresh = requant.requantize_on_grid(raw, qtype, np.zeros(rows.size, np.float32))
     assert np.array_equal(same, raw) and not refresh.any()
     # a shift of exactly one step (on a table: the gap to the next entry) moves every code by one where the
     # range allows: the grid is the base's
     _, step, _ = codec.unpack(blocks)
     up = np.minimum(q + 1, codec.qmax)
-    one = (codec.values(up) - codec.values(q)) * requant.per_element(step, codec.block_size)
+    one = (codec.values(up) - codec.values(q)) * blockcodec.per_element(step, codec.block_size)
     moved, _ = requant.requantize_on_grid(raw, qtype, one.reshape(-1).astype(np.float32))
     q2, _, _ = codec.unpack(moved.reshape(-1, codec.type_size))
-    inside = (q < codec.qmax) & (requant.per_element(step, codec.block_size) != 0)
+    inside = (q < codec.qmax) & (blockcodec.per_element(step, codec.block_size) != 0)
     assert inside.mean() > 0.8
     assert np.array_equal(q2[inside], q[inside] + 1)
 
 
-@pytest.mark.parametrize("qtype", sorted(requant.TABLE_TYPES, key=lambda t: t.name), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", sorted(blockcodec.TABLE_TYPES, key=lambda t: t.name), ids=lambda t: t.name)
 def test_table_grids_round_to_neighbouring_entries(qtype):
     """On a non-uniform table a step is the gap to the next entry: nearest picks the nearer neighbour, dither
     goes up with the probability of the fraction of the gap (unbiased), and a re-encode keeps the bytes."""
     rng = np.random.default_rng(11)
     rows = rng.standard_normal((64, 512)).astype(np.float32)
     raw = ggml.quantize(rows, qtype)
-    codec = requant.CODECS[qtype]
+    codec = blockcodec.CODECS[qtype]
     blocks = raw.reshape(-1, codec.type_size)
     q, step, _ = codec.unpack(blocks)
-    step = requant.per_element(step, codec.block_size)
+    step = blockcodec.per_element(step, codec.block_size)
     base = ggml.dequantize(raw, qtype, rows.size).reshape(q.shape)
     # every element that can go up is asked to go a fraction f of its gap up
     ok = (q < codec.qmax) & (step > 0)
@@ -174,7 +174,7 @@ def test_roundings_on_a_coarse_grid():
     # for the same kept share, the calibrated threshold adds less error than dither
     assert np.sum((whole - shift) ** 2) < np.sum((dither - shift) ** 2)
     # the default noise budget keeps part of the knob for less added error; a larger budget keeps more
-    step2 = float(np.mean(requant.per_element(requant.CODECS[QT.Q4_K].unpack(raw.reshape(-1, 144))[1], 256) ** 2))
+    step2 = float(np.mean(blockcodec.per_element(blockcodec.CODECS[QT.Q4_K].unpack(raw.reshape(-1, 144))[1], 256) ** 2))
 
     def added_noise(d: np.ndarray) -> float:  # beyond round-to-nearest, as a share of the grid's noise step²/12
         return float(np.mean((d - shift) ** 2) - np.mean((nearest - shift) ** 2)) / (step2 / 12)
@@ -430,7 +430,7 @@ def test_kept_share_warning_fires_exactly_below_the_threshold(llama_pair, typed_
     recorded = field(GGUFReader(report.path), merge_mod.K_MERGED_KEPT)
     assert recorded == pytest.approx([report.kept_share, report.min_kept_share], abs=1e-9)
     assert report.min_kept_share == min(shares.values())
-    low = [n for n, s in shares.items() if s < merge_mod.KEPT_SHARE_WARN]
+    low = [n for n, s in shares.items() if s < diagnose.KEPT_SHARE_WARN]
     warned = [w for w in report.warnings if "of the requested change" in w]
     if not low:
         assert not warned
@@ -442,10 +442,10 @@ def test_kept_share_warning_fires_exactly_below_the_threshold(llama_pair, typed_
     # exactly at the threshold: moved just above and just below a tensor's share, the count follows
     for share in sorted(shares.values())[:3]:
         for threshold in (share + 1e-6, share - 1e-6):
-            r = merge_mod.MergeReport(report.path, report.touched, kept=report.kept, policy="same")
+            r = diagnose.MergeReport(report.path, report.touched, kept=report.kept, policy="same")
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(merge_mod, "KEPT_SHARE_WARN", threshold)
-                msg = merge_mod._kept_warning(r)
+                mp.setattr(diagnose, "KEPT_SHARE_WARN", threshold)
+                msg = diagnose.kept_warning(r)
             n_low = sum(s < threshold for s in shares.values())
             assert (msg is None) == (n_low == 0)
             assert msg is None or msg.startswith(f"{n_low} of {len(shares)} touched tensors")
@@ -457,16 +457,16 @@ def test_default_policy_keeps_the_change_on_every_type(llama_pair, typed_bases, 
     the base's grid where it has one, else at Q8_0 with a note (the codebook and ternary types)."""
     base = typed_bases(qtype)
     report = merge(base, {llama_pair.av: 0.2}, tmp_path / "m.gguf")
-    assert report.policy == merge_mod.DEFAULT_POLICY == "unbiased"
-    assert report.min_kept_share >= merge_mod.KEPT_SHARE_WARN
+    assert report.policy == policy.DEFAULT_POLICY == "unbiased"
+    assert report.min_kept_share >= diagnose.KEPT_SHARE_WARN
     assert not [w for w in report.warnings if "of the requested change" in w]
     written = {b: w for b, w in report.touched.values() if b == qtype}
     assert written, "the base holds touched tensors of this type"
-    if qtype in merge_mod.NO_GRID_TYPES:
+    if qtype in policy.NO_GRID_TYPES:
         assert set(written.values()) == {QT.Q8_0}
         assert any(w.startswith(f"{qtype.name} has no grid rounding") for w in report.warnings)
     truth = _kept_shares(base, report.path, AlignmentVector(llama_pair.av), 0.2)
-    assert min(truth.values()) >= merge_mod.KEPT_SHARE_WARN - 0.03
+    assert min(truth.values()) >= diagnose.KEPT_SHARE_WARN - 0.03
 
 
 def test_a_scale_too_small_to_invert_sends_a_changed_block_to_a_fresh_quantization(recwarn):

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from alignvec_gguf.fidelity import kl_divergence, shift_stats
-from alignvec_gguf.merge import DEFAULT_POLICY, merge
+from alignvec_gguf.merge import merge
+from alignvec_gguf.policy import DEFAULT_POLICY
 from tests.support import realmodels as rm
 from tests.support import tinymodels as tm
 

@@ -75,7 +75,7 @@ class Runner:
         from alignvec_gguf.cli.info import describe
         from alignvec_gguf.gguffile import open_gguf
         from alignvec_gguf.ggufread import GGUFModel
-        from alignvec_gguf.merge import MergePlan
+        from alignvec_gguf.plan import MergePlan
 
         reader = open_gguf(path)
         for t in reader.tensors:
@@ -91,7 +91,7 @@ class Runner:
     def av(self, path: Path, merge_too: bool) -> None:
         from alignvec_gguf.avfile import AlignmentVector
         from alignvec_gguf.ggufread import GGUFModel
-        from alignvec_gguf.merge import check_compatible
+        from alignvec_gguf.mix import check_compatible
 
         av = AlignmentVector(path)
         check_compatible(GGUFModel(self.base), self.base, [(av, 0.5)])

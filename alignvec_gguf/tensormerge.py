@@ -1,0 +1,261 @@
+"""One touched tensor merged: ``θ + Σ λ_i Δ_i`` computed in float32 and written to its type.
+
+:func:`run_job` is the whole per-tensor step of a merge (a :class:`TensorJob` of the plan in, the tensor's
+bytes out): the change is summed from the vectors (full-form vectors range by range, so a big tensor's
+change is never whole in memory), added to the base (or the full-precision base), and written by ggml's
+quantizer or rounded on the base's own grid (``requant.py``); then the share of the requested change the
+bytes keep is measured (:func:`kept_share`). It runs in worker threads; nothing here writes files or logs.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from . import ggml
+from .avfile import AlignmentVector
+from .blockcodec import GRID_TYPES
+from .errors import FormatError
+from .ggufread import ModelTensor
+from .policy import Policy
+from .requant import Rounding, requantize_on_grid, scratch, seed_for
+
+_KEPT_SAMPLE = 1 << 16  # elements (whole rows) per tensor on which the kept share is measured
+
+
+@dataclass(frozen=True)
+class Kept:
+    """How much of its requested change a touched tensor kept, in weight space, measured on sampled rows.
+
+    ``dot`` is ``<realized change, requested change>`` and ``ref`` ``|requested change|²`` (float64 sums over
+    the same elements), so shares of several tensors combine as ``Σ dot / Σ ref``.
+    """
+
+    dot: float
+    ref: float
+
+    @property
+    def share(self) -> float:
+        """``dot / ref``: 1 keeps the whole change, 0 erases it; 1 for a tensor asked to stay as it is."""
+        return self.dot / self.ref if self.ref > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """Everything one touched tensor needs (:func:`run_job`); the plan makes one per touched tensor."""
+
+    tensor: ModelTensor
+    parts: list[tuple[AlignmentVector, float]]
+    qtype: QT
+    policy: Policy
+    imatrix: np.ndarray | None
+    full: ModelTensor | None  # the same tensor in the full-precision base, if one was given
+    threads: int | None
+    # round on a finer grid made from the base's own values (quantized to qtype first) instead of the base's
+    regrid: bool = False
+
+
+def _scaled_delta(av: AlignmentVector, name: str, lam: float, n_per_row: int) -> np.ndarray:
+    """λ·Δ as float32 rows, scaled in place when the decoded delta is our own copy (saves a tensor of memory).
+
+    An overflow to infinity is not warned about here: the caller reports it (``_check_finite``).
+    """
+    d = av.delta(name).reshape(-1, n_per_row)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if _owned(d):
+            if lam != 1.0:
+                d *= np.float32(lam)
+            return d
+        return np.multiply(d, np.float32(lam), dtype=np.float32)
+
+
+def _owned(a: np.ndarray) -> bool:
+    """Whether ``a`` may be written: writeable and not a view of a memory-mapped file."""
+    if not a.flags.writeable:
+        return False
+    base: Any = a
+    while base is not None:
+        if isinstance(base, (np.memmap, mmap.mmap)):
+            return False
+        base = getattr(base, "base", None)
+    return True
+
+
+def shift_source(job: TensorJob) -> Callable[[int, int], np.ndarray]:
+    """Σ λ_i Δ_i (plus full − dequant(base) with a full-precision base) for an element range, as float32.
+
+    Full-form vectors are decoded range by range, so a big tensor's change is never whole in memory;
+    a low-rank vector's product is made once, up front.
+    """
+    t = job.tensor
+    # low-rank vectors are multiplied out here, once (the range function may run in several threads)
+    whole = {i: av.delta(t.name).reshape(-1) for i, (av, _) in enumerate(job.parts) if av.lora is not None}
+    base_block = ggml.type_info(t.tensor_type).block_size
+    base_size = ggml.type_info(t.tensor_type).type_size
+
+    def get(start: int, stop: int) -> np.ndarray:
+        out = scratch("shift", stop - start, np.float32)  # reused per thread: the caller is done with the last
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below
+            for i, (av, lam) in enumerate(job.parts):
+                if i == 0 and i not in whole:
+                    av.delta_range(t.name, start, stop, out)  # decoded straight into the buffer
+                    if lam != 1.0:
+                        out *= np.float32(lam)
+                    continue
+                part = whole[i][start:stop] if i in whole else av.delta_range(t.name, start, stop)
+                assert part is not None
+                if i == 0:
+                    np.multiply(part, np.float32(lam), out=out)
+                else:
+                    out += part if lam == 1.0 else part * np.float32(lam)
+            if job.full is not None:
+                full = job.full
+                fb, fs = ggml.type_info(full.tensor_type).block_size, ggml.type_info(full.tensor_type).type_size
+                out += ggml.dequantize(full.raw()[start // fb * fs : stop // fb * fs], full.tensor_type, stop - start)
+                raw = t.raw()[start // base_block * base_size : stop // base_block * base_size]
+                out -= ggml.dequantize(raw, t.tensor_type, stop - start)
+        _check_finite(out, t.name, "the change Σ λ·Δ")
+        return out
+
+    return get
+
+
+def _check_finite(values: np.ndarray, name: str, what: str) -> None:
+    if not np.isfinite(values).all():
+        raise FormatError(
+            f"tensor {name}: {what} holds NaN or infinity (a corrupt base, or λ·Δ beyond float32); nothing was written"
+        )
+
+
+def _merged_rows(job: TensorJob) -> np.ndarray:
+    """The merged tensor in float32 rows: (full or dequant(base)) + Σ λ_i Δ_i."""
+    t = job.tensor
+    n_per_row = t.shape[-1]
+    src = job.full if job.full is not None else t
+    w = ggml.dequantize(src.raw(), src.tensor_type, t.n_elements).reshape(-1, n_per_row)
+    for av, lam in job.parts:
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below
+            w += _scaled_delta(av, t.name, lam, n_per_row)
+    _check_finite(w, t.name, "the merged tensor")
+    return w
+
+
+def _fresh_blocks(job: TensorJob) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Quantizes blocks afresh with ggml from their exact targets: for blocks the base's grid cannot hold.
+
+    A block is ggml's unit of quantization, so quantizing it alone gives the bytes it would get in its
+    row (with an importance matrix, the block gets its own columns' importance).
+    """
+    qtype, t = job.qtype, job.tensor
+    info = ggml.type_info(qtype)
+    bsize = info.block_size
+
+    def fresh(index: np.ndarray, blocks: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        target = ggml.dequantize(blocks, qtype, index.size * bsize).reshape(-1, bsize) + shift
+        if job.imatrix is None:
+            return ggml.quantize(target, qtype, threads=1).reshape(-1, info.type_size)
+        out = np.empty((index.size, info.type_size), dtype=np.uint8)
+        per_row = t.shape[-1] // bsize
+        rows_per_mat = (t.n_elements // t.shape[-1]) // job.imatrix.shape[0]
+        mat = index // per_row // rows_per_mat
+        col = index % per_row
+        for m, c in {(int(a), int(b)) for a, b in zip(mat, col, strict=True)}:
+            sel = (mat == m) & (col == c)
+            imat = job.imatrix[m, c * bsize : (c + 1) * bsize]
+            out[sel] = ggml.quantize(target[sel], qtype, imat, threads=1).reshape(-1, info.type_size)
+        return out
+
+    return fresh
+
+
+def _sample_rows(n_rows: int, n_per_row: int) -> list[tuple[int, int]]:
+    """Row ranges of about :data:`_KEPT_SAMPLE` elements, 16 evenly spaced runs (every row of a small tensor)."""
+    want = max(1, _KEPT_SAMPLE // n_per_row)
+    if n_rows <= want:
+        return [(0, n_rows)]
+    runs = min(16, want)
+    length = want // runs
+    starts = np.unique(np.linspace(0, n_rows - length, runs).astype(np.int64))
+    return [(int(s), int(s) + length) for s in starts]
+
+
+def _values(tensor: ModelTensor, start: int, stop: int) -> np.ndarray:
+    """Elements ``start:stop`` (block-aligned) of a tensor, dequantized to float32."""
+    info = ggml.type_info(tensor.tensor_type)
+    raw = tensor.raw()[start // info.block_size * info.type_size : stop // info.block_size * info.type_size]
+    return ggml.dequantize(raw, tensor.tensor_type, stop - start)
+
+
+def kept_share(tensor: ModelTensor, data: np.ndarray, qtype: QT, requested: Callable[[int, int], np.ndarray]) -> Kept:
+    """How much of the requested change the merged bytes ``data`` (of ``qtype``) keep over the base's tensor.
+
+    ``requested(start, stop)`` gives the change asked for on an element range (Σ λ·Δ: with a full-precision
+    base, not its correction of the base's rounding, which no quantized file keeps); the realized change is
+    dequant(merged) − dequant(base).
+    Measured on whole rows (:func:`_sample_rows`), so any pair of block types lines up.
+    """
+    n_per_row = tensor.shape[-1]
+    base_row, out_row = ggml.row_size(tensor.tensor_type, n_per_row), ggml.row_size(qtype, n_per_row)
+    raw, merged = tensor.raw().reshape(-1), np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    dot = ref = 0.0
+    for r0, r1 in _sample_rows(tensor.n_elements // n_per_row, n_per_row):
+        n = (r1 - r0) * n_per_row
+        want = requested(r0 * n_per_row, r1 * n_per_row).astype(np.float64)
+        got = ggml.dequantize(merged[r0 * out_row : r1 * out_row], qtype, n).astype(np.float64)
+        got -= ggml.dequantize(raw[r0 * base_row : r1 * base_row], tensor.tensor_type, n)
+        dot += float(got @ want)
+        ref += float(want @ want)
+    return Kept(dot, ref)
+
+
+def run_job(job: TensorJob) -> tuple[np.ndarray, int, Kept]:
+    """The merged tensor's bytes, how many blocks a grid policy had to quantize afresh, and the share kept."""
+    t = job.tensor
+    on_grid = job.policy.rounding is not Rounding.GGML and job.qtype in GRID_TYPES
+    on_grid = on_grid and (job.qtype == t.tensor_type or job.regrid)
+    if not on_grid:
+        rows = _merged_rows(job)
+        flat = rows.reshape(-1)
+        if job.qtype == QT.F32:
+            data = flat.view(np.uint8)
+        else:
+            data = ggml.quantize(rows, job.qtype, job.imatrix, threads=job.threads)
+        src = job.full if job.full is not None else t
+
+        def requested(start: int, stop: int) -> np.ndarray:  # the merged target less what it was added to: Σ λ·Δ
+            return flat[start:stop] - _values(src, start, stop)
+
+        return data, 0, kept_share(t, data, job.qtype, requested)
+    shift = shift_source(job)
+    raw = t.raw()
+    threads = job.threads or ggml.default_threads()
+    if job.qtype != t.tensor_type:  # regrid: the base's values on the finer type's grid, then the shift on it
+        values = ggml.dequantize(raw, t.tensor_type, t.n_elements).reshape(-1, t.shape[-1])
+        raw = ggml.quantize(values, job.qtype, job.imatrix, threads=threads)
+    try:
+        out, refresh = requantize_on_grid(
+            raw,
+            job.qtype,
+            shift,
+            job.policy.rounding,
+            seed_for(t.name),
+            threads,
+            noise_budget=job.policy.noise_budget,
+            refresh_fn=_fresh_blocks(job),
+        )
+    except FormatError as e:
+        raise FormatError(f"base model tensor {t.name}: {e}") from e
+    full = job.full
+
+    def asked(start: int, stop: int) -> np.ndarray:  # Σ λ·Δ: the shift less a full-precision base's correction
+        change = shift(start, stop).copy()
+        if full is not None:
+            change -= _values(full, start, stop) - _values(t, start, stop)
+        return change
+
+    return out, int(refresh.sum()), kept_share(t, out, job.qtype, asked)

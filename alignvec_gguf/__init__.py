@@ -9,8 +9,8 @@ from __future__ import annotations
 from ._version import __version__
 from .avfile import AlignmentVector, AVInfo, write_av
 from .cache import cached_merge
-from .errors import AlignVecError, CompatibilityError, DiskFullError, FormatError, InputError
 from .diagnose import MergeReport
+from .errors import AlignVecError, CompatibilityError, DiskFullError, FormatError, InputError
 from .merge import merge
 from .runtime import load
 

@@ -1,6 +1,6 @@
 """Every ``alignvec`` command, flag and help text: the command line's contract (DESIGN.md), in one place.
 
-Each command's ``func`` is its ``cmd_*`` function in the module of its group.
+Each command's ``func`` is its ``cmd_*`` function, in the module of its group.
 """
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ from typing import NoReturn
 
 from .._version import __version__
 from ..policy import DEFAULT_POLICY, POLICIES
-from . import convert, demo, evaluate, info, models
+from .convert import cmd_convert
+from .demo import cmd_demo
+from .evaluate import cmd_eval, cmd_fidelity
+from .info import cmd_cache, cmd_doctor, cmd_inspect
+from .models import cmd_merge, cmd_run, cmd_serve
 
 EXIT_USAGE = 2
 
@@ -70,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rank", type=int, help="write the low-rank form (a llama.cpp LoRA) with at most this rank")
     p.add_argument("--energy", type=float, help="low-rank form: smallest rank keeping this share of ‖Δ‖², e.g. 0.9")
-    p.set_defaults(func=convert.cmd_convert)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("merge", help="write base + Σ λ·AV as a GGUF file")
     p.add_argument("base", help="base model GGUF (any quantization)")
     add_vector_args(p, required=True)
     p.add_argument("-o", "--output", required=True, help="merged GGUF to write")
     p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile beside the output")
-    p.set_defaults(func=models.cmd_merge)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server with per-request λ (low-rank vectors)")
     p.add_argument("base", help="base model GGUF (any quantization)")
@@ -95,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048, help="context size")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
     p.add_argument("--model-id", help="model name in responses (default: the base file's name)")
-    p.set_defaults(func=models.cmd_serve)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="generate text from base + Σ λ·AV (merged and cached)")
     p.add_argument("base", help="base model GGUF")
@@ -109,13 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load-mode", choices=["cached", "direct"], default="cached", help="cached merged file (default) or in memory"
     )
-    p.set_defaults(func=models.cmd_run)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="show the metadata of a model or alignment-vector GGUF")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--tensors", action="store_true", help="list tensors")
-    p.set_defaults(func=info.cmd_inspect)
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("eval", help="preference accuracy over a λ grid per domain, and the multidomain search")
     p.add_argument("--base", help="base model GGUF (default: the bundled Q4_K_M demo base)")
@@ -133,19 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default="alignvec-eval", help="where eval.json and eval.png go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (it needs matplotlib)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
-    p.set_defaults(func=evaluate.cmd_eval)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the preference spectrum as a dial on SmolLM2-135M (or the bundled tiny models)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[-1.0, 0.0, 0.5, 1.0], help="λ for the answers")
     p.add_argument("-n", type=int, default=None, help="tokens per answer (default 72; tiny models 48)")
     p.add_argument("--no-table", action="store_true", help="skip the preference-accuracy table")
     p.add_argument("--tiny", action="store_true", help="the bundled tiny models instead of SmolLM2 (no download)")
-    p.set_defaults(func=demo.cmd_demo)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cache", help="list or clear the cache of merged models")
     p.add_argument("action", choices=["ls", "clear"])
     p.add_argument("--dir", help="cache directory (default: $ALIGNVEC_CACHE_DIR or ~/.cache/alignvec)")
-    p.set_defaults(func=info.cmd_cache)
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("fidelity", help="how much of the knob each requant policy keeps (logits against float)")
     p.add_argument("base", help="base model GGUF (quantized)")
@@ -153,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", default="same,calibrated,unbiased,hifi", help="comma-separated policies to compare")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=evaluate.cmd_fidelity)
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("doctor", help="llama.cpp build, CPU features, weight buffer types and the AMX guard")
     p.add_argument("model", nargs="?", help="also show how this GGUF's weights would be placed")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=info.cmd_doctor)
+    p.set_defaults(func=cmd_doctor)
     return parser

@@ -5,6 +5,12 @@ An AV file is a GGUF v3 file with ``general.type = "adapter"``. The full form ha
 like the base tensor in GGUF layout. The low-rank form has ``adapter.type = "lora"`` and the tensor
 pairs ``NAME.lora_a`` / ``NAME.lora_b`` that llama.cpp loads unmodified as a LoRA adapter; what cannot
 be low-rank (norms, biases) is listed in ``alignvec.lora.dropped``. See DESIGN.md, "AV file format v1".
+
+Files are read through :class:`ggufread.GGUFModel` (one file, checked header, lazy metadata, memory-mapped
+tensors) and written through :class:`ggufwrite.SpooledGGUFWriter`; what is here is the format itself.
+
+Long module: DESIGN.md keeps every reader and writer of the AV format in one module, and both forms
+(full and low-rank) share its keys, storage types and checks; the GGUF layer beneath is apart.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGUFValueType
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize as np_quantize
 
@@ -27,7 +33,9 @@ from . import ggml
 from ._version import __version__
 from .atomic import atomic_output
 from .errors import FormatError
-from .gguffile import INTEGER_TYPES, field, open_gguf, tensor_shape
+from .ggufheader import INTEGER_TYPES
+from .ggufread import GGUFModel, ModelTensor
+from .ggufwrite import SpooledGGUFWriter
 
 FORMAT_VERSION = 1
 ADAPTER_TYPE_FULL = "alignment_vector"
@@ -142,7 +150,7 @@ def _storage_type(dtype: str, shape: tuple[int, ...]) -> QT:
     return qtype
 
 
-def _add_storage_tensor(writer: GGUFWriter, name: str, data: np.ndarray, dtype: str, content: Any) -> None:
+def _add_storage_tensor(writer: SpooledGGUFWriter, name: str, data: np.ndarray, dtype: str, content: Any) -> None:
     """Add one tensor in its storage type; ``content`` (a sha256) takes its stored bytes."""
     qtype = _storage_type(dtype, data.shape)
     if qtype == QT.F32:
@@ -153,12 +161,12 @@ def _add_storage_tensor(writer: GGUFWriter, name: str, data: np.ndarray, dtype: 
         writer.add_tensor(name, stored)
     else:
         stored = np_quantize(data, qtype)
-        writer.add_tensor(name, stored, raw_dtype=qtype)
+        writer.add_tensor(name, stored, qtype)
     content.update(np.ascontiguousarray(stored).data)
 
 
 def _put_info(
-    writer: GGUFWriter, info: AVInfo | Callable[[], AVInfo], architecture: str, form: str, content: Any
+    writer: SpooledGGUFWriter, info: AVInfo | Callable[[], AVInfo], architecture: str, form: str, content: Any
 ) -> None:
     """The metadata of either form, ``info`` evaluated now if it is a callable; ``content`` is the sha256
     that took every stored tensor's bytes."""
@@ -168,12 +176,12 @@ def _put_info(
         raise ValueError(f"info is for {info.architecture!r}, file for {architecture!r}")
     adapter_type = ADAPTER_TYPE_LORA if form == "lora" else ADAPTER_TYPE_FULL
 
-    def put(key: str, value: str) -> None:  # add_string would drop empty strings
-        writer.add_key_value(key, value, GGUFValueType.STRING)
+    def put(key: str, value: str) -> None:  # empty strings too
+        writer.add(key, value, GGUFValueType.STRING)
 
-    writer.add_type("adapter")
-    writer.add_string("adapter.type", adapter_type)
-    writer.add_uint32(K_VERSION, FORMAT_VERSION)
+    put("general.type", "adapter")
+    put("adapter.type", adapter_type)
+    writer.add(K_VERSION, FORMAT_VERSION, GGUFValueType.UINT32)
     put(K_NAME, info.name)
     put(K_DESCRIPTION, info.description)
     put(K_DOMAIN, info.domain)
@@ -204,23 +212,17 @@ def write_av(
         raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_TYPES)}, got {dtype!r}")
     written = 0
     content = hashlib.sha256()
-    with atomic_output(path) as tmp:
-        writer = GGUFWriter(tmp, architecture, use_temp_file=True)
-        try:
-            for name, delta in deltas:
-                delta = np.ascontiguousarray(delta, dtype=np.float32)
-                if not np.all(np.isfinite(delta)):
-                    raise FormatError(f"delta for {name} has NaN or infinite values; check both checkpoints")
-                if not np.any(delta):
-                    continue
-                _add_storage_tensor(writer, name, delta, dtype, content)
-                written += 1
-            _put_info(writer, info, architecture, "full", content)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    with atomic_output(path) as tmp, SpooledGGUFWriter(tmp, architecture) as writer:
+        for name, delta in deltas:
+            delta = np.ascontiguousarray(delta, dtype=np.float32)
+            if not np.all(np.isfinite(delta)):
+                raise FormatError(f"delta for {name} has NaN or infinite values; check both checkpoints")
+            if not np.any(delta):
+                continue
+            _add_storage_tensor(writer, name, delta, dtype, content)
+            written += 1
+        _put_info(writer, info, architecture, "full", content)
+        writer.finish()
     return written
 
 
@@ -251,47 +253,42 @@ def write_lowrank_av(
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     written = 0
     content = hashlib.sha256()
-    with atomic_output(path) as tmp:
-        writer = GGUFWriter(tmp, architecture, use_temp_file=True)
-        try:
-            for name, a, b in factors:
-                a = np.ascontiguousarray(a, dtype=np.float32)
-                b = np.ascontiguousarray(b, dtype=np.float32)
-                if a.ndim < 2 or a.ndim != b.ndim or a.shape[-2] != b.shape[-1] or a.shape[:-2] != b.shape[:-2]:
-                    raise ValueError(f"{name}: A {a.shape} and B {b.shape} are not a (…, r, n_in) / (…, n_out, r) pair")
-                if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-                    raise FormatError(f"low-rank factors of {name} have NaN or infinite values; check both checkpoints")
-                rank = a.shape[-2]
-                if rank == 0 or not (np.any(a) and np.any(b)):
-                    continue
-                b = b * np.float32(rank / alpha) if alpha else b
-                if is_embedding(name) and a.ndim == 2:
-                    lora_a, lora_b = b, np.ascontiguousarray(a.T)  # (n_vocab, r), (n_embd, r)
-                else:
-                    lora_a, lora_b = a, b
-                _add_storage_tensor(writer, name + LORA_A, lora_a, dtype, content)
-                _add_storage_tensor(writer, name + LORA_B, lora_b, dtype, content)
-                written += 1
-            if callable(stats):
-                stats = stats()
-            _put_info(writer, info, architecture, "lora", content)
-            writer.add_float32(K_LORA_ALPHA, float(alpha))
-            writer.add_uint32(K_LORA_RANK, int(stats.rank))
-            writer.add_float32(K_LORA_ENERGY, float(stats.energy))
-            writer.add_float32(K_LORA_REL_ERROR, float(stats.rel_error))
-            if stats.dropped:  # GGUF has no empty arrays: absent means nothing was dropped
-                writer.add_key_value(K_LORA_DROPPED, list(stats.dropped), GGUFValueType.ARRAY, GGUFValueType.STRING)
-                for key, values in (
-                    (K_LORA_DROPPED_NORM, stats.dropped_norm),
-                    (K_LORA_DROPPED_REL_CHANGE, stats.dropped_rel_change),
-                ):
-                    writer.add_key_value(key, [float(v) for v in values], GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
-            writer.add_float32(K_LORA_DROPPED_ENERGY, float(stats.dropped_energy))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    with atomic_output(path) as tmp, SpooledGGUFWriter(tmp, architecture) as writer:
+        for name, a, b in factors:
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            b = np.ascontiguousarray(b, dtype=np.float32)
+            if a.ndim < 2 or a.ndim != b.ndim or a.shape[-2] != b.shape[-1] or a.shape[:-2] != b.shape[:-2]:
+                raise ValueError(f"{name}: A {a.shape} and B {b.shape} are not a (…, r, n_in) / (…, n_out, r) pair")
+            if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+                raise FormatError(f"low-rank factors of {name} have NaN or infinite values; check both checkpoints")
+            rank = a.shape[-2]
+            if rank == 0 or not (np.any(a) and np.any(b)):
+                continue
+            b = b * np.float32(rank / alpha) if alpha else b
+            if is_embedding(name) and a.ndim == 2:
+                lora_a, lora_b = b, np.ascontiguousarray(a.T)  # (n_vocab, r), (n_embd, r)
+            else:
+                lora_a, lora_b = a, b
+            _add_storage_tensor(writer, name + LORA_A, lora_a, dtype, content)
+            _add_storage_tensor(writer, name + LORA_B, lora_b, dtype, content)
+            written += 1
+        if callable(stats):
+            stats = stats()
+        _put_info(writer, info, architecture, "lora", content)
+        f32, u32, arr = GGUFValueType.FLOAT32, GGUFValueType.UINT32, GGUFValueType.ARRAY
+        writer.add(K_LORA_ALPHA, float(alpha), f32)
+        writer.add(K_LORA_RANK, int(stats.rank), u32)
+        writer.add(K_LORA_ENERGY, float(stats.energy), f32)
+        writer.add(K_LORA_REL_ERROR, float(stats.rel_error), f32)
+        if stats.dropped:  # GGUF has no empty arrays: absent means nothing was dropped
+            writer.add(K_LORA_DROPPED, list(stats.dropped), arr, GGUFValueType.STRING)
+            for key, values in (
+                (K_LORA_DROPPED_NORM, stats.dropped_norm),
+                (K_LORA_DROPPED_REL_CHANGE, stats.dropped_rel_change),
+            ):
+                writer.add(key, [float(v) for v in values], arr, f32)
+        writer.add(K_LORA_DROPPED_ENERGY, float(stats.dropped_energy), f32)
+        writer.finish()
     return written
 
 
@@ -306,23 +303,22 @@ class AlignmentVector:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        reader = open_gguf(self.path, "alignment vector")
-        self._reader: GGUFReader = reader
+        self._file = file = GGUFModel(self.path, "alignment vector", split=False)
         where = self._where = f"alignment vector {self.path}"
-        if field(reader, "general.type") != "adapter" or field(reader, K_VERSION) is None:
+        if file.field("general.type") != "adapter" or file.field_type(K_VERSION) is None:
             raise FormatError(f"{where} is a GGUF file but not an alignment vector (no {K_VERSION})")
         version = self._meta(K_VERSION, "int")
         if version != FORMAT_VERSION:
             raise FormatError(
                 f"{where} has format version {version}; this alignvec reads version {FORMAT_VERSION}: upgrade alignvec"
             )
-        adapter_type = field(reader, "adapter.type")
+        adapter_type = file.field("adapter.type")
         if adapter_type not in (ADAPTER_TYPE_FULL, ADAPTER_TYPE_LORA):
             raise FormatError(
                 f"{where} has adapter.type {adapter_type!r}, expected {ADAPTER_TYPE_FULL!r} or {ADAPTER_TYPE_LORA!r}"
             )
         keys = ("general.architecture", *_REQUIRED)
-        missing = [k for k in keys if reader.get_field(k) is None]
+        missing = [k for k in keys if file.field_type(k) is None]
         if missing:
             raise FormatError(f"{where} lacks metadata {', '.join(missing)}; re-create it with alignvec convert")
         text = {k: self._meta(k, "str") for k in keys}
@@ -338,8 +334,8 @@ class AlignmentVector:
             form=text[K_FORM],
             producer=text[K_PRODUCER],
         )
-        self._tensors: dict[str, ReaderTensor] = {}
-        for t in reader.tensors:
+        self._tensors: dict[str, ModelTensor] = {}
+        for t in file.tensors:
             if t.tensor_type not in STORAGE_TYPES.values():
                 raise FormatError(
                     f"{where}: tensor {t.name} is stored as {t.tensor_type.name}; v1 allows F32/F16/BF16/Q8_0"
@@ -350,26 +346,26 @@ class AlignmentVector:
             raise FormatError(f"{where} says {K_FORM} = {self.info.form!r} but adapter.type is {adapter_type!r}")
         self.lora: LoraStats | None = None
         self.alpha = 0.0
-        self._pairs: dict[str, tuple[ReaderTensor, ReaderTensor]] = {}
+        self._pairs: dict[str, tuple[ModelTensor, ModelTensor]] = {}
         if adapter_type == ADAPTER_TYPE_LORA:
-            self._read_lora(reader, where)
+            self._read_lora(where)
 
     def _meta(self, key: str, kind: str, default: Any = None) -> Any:
         """The value of ``key`` if it is of ``kind`` (a key of :data:`_KINDS`), ``default`` if absent.
 
         A stranger's file may hold a string where a number belongs.
         """
-        f = self._reader.get_field(key)
-        if f is None:
+        types = self._file.field_types(key)
+        if types is None:
             return default
         accepted, expected = _KINDS[kind]
-        if tuple(f.types) not in accepted:
-            found = " of ".join(t.name for t in f.types)
+        if types not in accepted:
+            found = " of ".join(t.name for t in types)
             raise FormatError(f"{self._where}: metadata {key} is {found}, expected {expected}")
-        return f.contents()
+        return self._file.field(key)
 
-    def _read_lora(self, reader: GGUFReader, where: str) -> None:
-        missing = [k for k in (K_LORA_ALPHA, K_LORA_REL_ERROR) if reader.get_field(k) is None]
+    def _read_lora(self, where: str) -> None:
+        missing = [k for k in (K_LORA_ALPHA, K_LORA_REL_ERROR) if self._file.field_type(k) is None]
         if missing:
             raise FormatError(f"{where} lacks metadata {', '.join(missing)}; re-create it with alignvec convert --rank")
         self.alpha = float(self._meta(K_LORA_ALPHA, "float"))
@@ -392,7 +388,7 @@ class AlignmentVector:
             dropped_rel_change=changes,
             dropped_energy=float(self._meta(K_LORA_DROPPED_ENERGY, "float", 0.0)),
         )
-        halves: dict[str, dict[str, ReaderTensor]] = {}
+        halves: dict[str, dict[str, ModelTensor]] = {}
         for tname, t in self._tensors.items():
             suffix = tname[-len(LORA_A) :]
             if suffix not in (LORA_A, LORA_B):
@@ -402,7 +398,7 @@ class AlignmentVector:
             if len(half) != 2:
                 lacking = LORA_B if LORA_A in half else LORA_A
                 raise FormatError(f"{where}: {name} has no {name}{lacking}; the file is incomplete, re-create it")
-            a, b = tensor_shape(half[LORA_A]), tensor_shape(half[LORA_B])
+            a, b = half[LORA_A].shape, half[LORA_B].shape
             if len(a) != len(b) or len(a) < 2 or a[:-2] != b[:-2]:
                 raise FormatError(f"{where}: {name} has lora_a {a} and lora_b {b}, which are not a rank-r pair")
             flipped = is_embedding(name) and len(a) == 2
@@ -427,8 +423,8 @@ class AlignmentVector:
     def shape(self, name: str) -> tuple[int, ...]:
         """The numpy-order shape of the base tensor ``name`` (and of its delta)."""
         if self.lora is None:
-            return tensor_shape(self._tensors[name])
-        a, b = (tensor_shape(t) for t in self._pairs[name])
+            return self._tensors[name].shape
+        a, b = (t.shape for t in self._pairs[name])
         if is_embedding(name) and len(a) == 2:
             return (a[0], b[0])
         return (*a[:-2], b[-2], a[-1])
@@ -442,14 +438,13 @@ class AlignmentVector:
         """The rank of one low-rank pair."""
         if self.lora is None:
             raise ValueError(f"{self.path.name} is the full form; it has no ranks")
-        return tensor_shape(self._pairs[name][1])[-1]
+        return self._pairs[name][1].shape[-1]
 
-    def _read(self, t: ReaderTensor, name: str) -> np.ndarray:
+    def _read(self, t: ModelTensor, name: str) -> np.ndarray:
         if t.tensor_type == QT.F32:
-            data = np.asarray(t.data)
+            data = t.values()
         else:  # ggml's converters: F16/BF16 through ggml-cpu's SIMD rows, about 10x numpy's astype
-            data = ggml.dequantize(np.asarray(t.data).reshape(-1).view(np.uint8), QT(t.tensor_type), int(t.n_elements))
-        data = data.reshape(tensor_shape(t))
+            data = ggml.dequantize(t.raw(), t.tensor_type, t.n_elements).reshape(t.shape)
         if not np.all(np.isfinite(data)):
             raise FormatError(f"alignment vector {self.path}: tensor {name} has NaN or infinite values")
         return data
@@ -483,7 +478,7 @@ class AlignmentVector:
         block, size = GGML_QUANT_SIZES[qtype]
         if start % block or stop % block or not 0 <= start <= stop <= int(t.n_elements):
             raise ValueError(f"{name}: range [{start}, {stop}) is not whole {qtype.name} blocks of the tensor")
-        raw = np.asarray(t.data).reshape(-1).view(np.uint8)[start // block * size : stop // block * size]
+        raw = t.raw()[start // block * size : stop // block * size]
         data = (
             ggml.dequantize(raw, qtype, stop - start, out)
             if out is not None or qtype != QT.F32
@@ -523,8 +518,8 @@ class AlignmentVector:
                 raise FormatError(f"{self._where}: {K_CONTENT_SHA256} is not a sha256 hex digest; re-create it")
             return str(recorded)
         h = hashlib.sha256()
-        for t in sorted(self._reader.tensors, key=lambda t: t.data_offset):
-            h.update(np.ascontiguousarray(t.data).data)
+        for t in sorted(self._file.tensors, key=lambda t: t.offset):
+            h.update(t.raw().data)
         return h.hexdigest()
 
     @cached_property
@@ -539,7 +534,7 @@ class AlignmentVector:
         vector; a file edited after it was written would otherwise lend them a false provenance, so a
         mismatch is a :class:`FormatError`. Afterwards :attr:`content_sha256` is the digest of what was read.
         """
-        ranges = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes)) for t in self._reader.tensors)
+        ranges = sorted((t.offset, t.offset + t.n_bytes) for t in self._file.tensors)
         whole, content = hashlib.sha256(), hashlib.sha256()
         pos, i = 0, 0
         with open(self.path, "rb") as f:

@@ -17,7 +17,7 @@ from typing import Any
 from ._version import __version__
 from .atomic import atomic_output
 from .errors import InputError
-from .gguffile import field, open_gguf
+from .ggufread import GGUFModel
 
 MODELFILE_SUFFIX = ".Modelfile"
 
@@ -68,19 +68,19 @@ def write_modelfile(
     for ``stop``); ``adapters`` become ``ADAPTER`` lines (low-rank AVs, applied by Ollama at scale 1).
     """
     model = Path(model)
-    reader = open_gguf(model, "model")
-    if field(reader, "general.type") == "adapter":
+    reader = GGUFModel(model, "model", split=False)  # its metadata only: decoded when asked, not the vocabulary
+    if reader.field("general.type") == "adapter":
         raise InputError(f"{model} is an adapter, not a model; give the (merged) model GGUF")
     target = Path(out) if out is not None else modelfile_path(model)
     directory = target.parent if str(target.parent) else Path(".")
 
     lines = [f"# Ollama Modelfile written by alignvec-gguf {__version__} for {model.name}"]
-    vectors = field(reader, "alignvec.merged.vectors")
+    vectors = reader.field("alignvec.merged.vectors")
     if vectors:
-        lambdas = field(reader, "alignvec.merged.lambdas") or []
+        lambdas = reader.field("alignvec.merged.lambdas") or []
         mix = ", ".join(f"{_line(name)} λ={lam:g}" for name, lam in zip(vectors, lambdas, strict=False))
-        lines.append(f"# base: {_line(field(reader, 'alignvec.merged.base', '?'))}; alignment: {mix}")
-        lines.append(f"# requant: {_line(field(reader, 'alignvec.merged.requant', '?'))}")
+        lines.append(f"# base: {_line(reader.field('alignvec.merged.base', '?'))}; alignment: {mix}")
+        lines.append(f"# requant: {_line(reader.field('alignvec.merged.requant', '?'))}")
     name = model.name.removesuffix(".gguf").lower().replace(" ", "-")
     lines.append(f"# use: ollama create {name} -f {target.name} && ollama run {name}")
     lines.append(f"FROM {_reference(model, directory)}")

@@ -6,9 +6,9 @@ product overflows, offsets past the end or unknown type ids surface later as odd
 the code that uses the tensors. Files come from strangers, so :func:`check_gguf` walks the header
 first with plain ``struct`` reads from a file object (no memory map), checks every count and length
 against the bytes left in the file and against the caps below, and raises :class:`FormatError`
-naming the file and what is wrong. Only then does :func:`gguffile.open_gguf` hand the file to
-gguf-py. Type ids and block sizes come from ``gguf.constants``; nothing about the format is
-restated here that gguf-py already knows.
+naming the file and what is wrong. Only then does :class:`ggufread.GGUFModel` memory-map it and
+decode values (:func:`decode_value`, one item when asked). Type ids and block sizes come from
+``gguf.constants``; nothing about the format is restated here that gguf-py already knows.
 
 The caps sit far above what real models need (the largest vocabularies have ~262k tokens, a 671B
 MoE has ~1,100 tensors, llama.cpp allows 4 dims and 63-byte tensor names) and far below what would
@@ -37,7 +37,6 @@ MAX_TENSORS = 1 << 17
 MAX_HEADER = 256 << 20  # bytes of metadata and tensor infos together
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 63  # GGML_MAX_NAME - 1 (its terminating NUL)
-# Names gguf-py gives its own pseudo-fields; a key with one of them makes GGUFReader fail.
 # Metadata value types that hold an integer (for checking a stranger's metadata before use).
 INTEGER_TYPES = frozenset(
     {
@@ -52,6 +51,8 @@ INTEGER_TYPES = frozenset(
     }
 )
 
+# Names gguf-py gives its own pseudo-fields; a key with one of them makes GGUFReader (llama.cpp's Python
+# tools, and the tests' oracle) fail on the file and on any model merged from it.
 RESERVED_KEYS = frozenset({"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"})
 
 _SCALARS: dict[GGUFValueType, str] = {

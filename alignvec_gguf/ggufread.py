@@ -10,6 +10,12 @@ work) and a read-only memory map of the data, not through gguf-py's ``GGUFReader
 every metadata item into numpy objects up front, which costs about 0.6 s for a 32k-token vocabulary
 and 15 s for a 262k one, on every merge. Here a metadata item is decoded only when asked for, and a
 merge copies the ones it keeps as raw bytes (:meth:`GGUFModel.raw_metadata`).
+
+It is the one reader of every GGUF the package opens: models (split or not), alignment vectors
+(:mod:`avfile`), importance matrices (:mod:`imatrix`), ``alignvec inspect`` (:mod:`inspect`), live knobs
+and exports. AVs and imatrices are single files: ``GGUFModel(path, what, split=False)`` (or
+:func:`open_file`) opens exactly the file named, whatever its name. Whether the path is a file, and
+whether the file changed between the header check and the memory map, is checked here, once.
 """
 
 from __future__ import annotations
@@ -52,27 +58,40 @@ def _split_field(shard: _Shard, key: str, what: str) -> int | None:
     if kv is None:
         return None
     if kv.vtype not in INTEGER_TYPES:
-        found = kv.vtype.name
-        if kv.vtype == GGUFValueType.ARRAY:
-            found += " of " + GGUFValueType(int(np.frombuffer(shard.map, np.uint32, 1, kv.value_start)[0])).name
+        found = " of ".join(t.name for t in shard.value_types(kv))
         raise FormatError(f"{what} {shard.path.name}: {key} is {found}, expected an integer; the shard is corrupt")
     return int(shard.value(kv))
+
+
+def check_file(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a Path if it names an existing regular file; else an :class:`InputError` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"{what} {path} is not a file")
+    return path
 
 
 class _Shard:
     """One file: its checked header, its metadata by key and a read-only memory map of all of it."""
 
     def __init__(self, path: Path, what: str):
-        if not path.exists():
-            raise InputError(f"{what} {path} does not exist")
-        if not path.is_file():
-            raise InputError(f"{what} {path} is not a file")
-        self.path = path
+        self.path = check_file(path, what)
         self.header: Header = check_gguf(path, what)
         self.kv: dict[str, KeyValue] = {kv.key: kv for kv in self.header.kv}
         self.map = np.memmap(path, dtype=np.uint8, mode="r")
         if self.map.size < max((t.offset + t.nbytes for t in self.header.tensors), default=0):
             raise FormatError(f"{what} {path} changed while it was being read; open it again once it is complete")
+
+    def value_types(self, kv: KeyValue) -> tuple[GGUFValueType, ...]:
+        """``(type,)`` for a scalar or string, ``(ARRAY, item type)`` for an array (as gguf-py's ``types``)."""
+        if kv.vtype != GGUFValueType.ARRAY:
+            return (kv.vtype,)
+        return (kv.vtype, GGUFValueType(int(np.frombuffer(self.map, np.uint32, 1, kv.value_start)[0])))
+
+    def array_length(self, kv: KeyValue) -> int:
+        return int(np.frombuffer(self.map, np.uint64, 1, kv.value_start + 4)[0])
 
     def value(self, kv: KeyValue) -> Any:
         try:
@@ -114,22 +133,38 @@ class ModelTensor:
         return self.info.nbytes
 
     @property
-    def data(self) -> np.ndarray:
-        """Like gguf-py's ``ReaderTensor.data``: typed values for F32/F16, raw bytes for other types."""
-        dtype = _TYPED.get(self.tensor_type)
-        return self.raw() if dtype is None else self.raw().view(dtype)
+    def offset(self) -> int:
+        """Where the tensor's bytes start in its shard's file."""
+        return self.info.offset
 
     def raw(self) -> np.ndarray:
-        """The stored bytes (a uint8 view of the shard's memory map)."""
+        """The stored bytes (a uint8 view of the shard's memory map, no copy)."""
         return self.map[self.info.offset : self.info.offset + self.info.nbytes]
+
+    def values(self) -> np.ndarray:
+        """The stored values of an F32 or F16 tensor, a typed view in numpy-order shape (no copy).
+
+        Other types are blocks or bit patterns, not numbers numpy can hold: read them with :meth:`raw`
+        and decode them with :func:`alignvec_gguf.ggml.dequantize`.
+        """
+        dtype = _TYPED.get(self.tensor_type)
+        if dtype is None:
+            raise ValueError(f"tensor {self.name} is {self.tensor_type.name}; only F32 and F16 have a typed view")
+        return self.raw().view(dtype).reshape(self.shape)
 
 
 class GGUFModel:
-    """A model GGUF, single file or split; only ever read."""
+    """A GGUF file, or a model split over several files, read as one; only ever read.
 
-    def __init__(self, path: str | os.PathLike[str], what: str = "base model"):
+    ``what`` names the file in error messages (``"base model"``, ``"alignment vector"``...). With
+    ``split=False`` exactly the file named is opened and its ``split.*`` keys are plain metadata (an AV,
+    an imatrix, or ``alignvec inspect`` of one shard).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], what: str = "base model", *, split: bool = True):
         self.path = Path(path)
-        self.paths = shard_paths(self.path)
+        self.what = what
+        self.paths = shard_paths(self.path) if split else [self.path]
         missing = [p for p in self.paths if not p.is_file()]
         if missing and self.paths != [self.path]:
             raise InputError(
@@ -137,6 +172,14 @@ class GGUFModel:
                 "keep all shards in one directory"
             )
         self.shards = [_Shard(p, what) for p in self.paths]
+        self.tensors: list[ModelTensor] = [
+            ModelTensor(info, shard.map, i) for i, shard in enumerate(self.shards) for info in shard.header.tensors
+        ]
+        self._by_name = {t.name: t for t in self.tensors}
+        if split:
+            self._check_split(what)
+
+    def _check_split(self, what: str) -> None:
         first = self.shards[0]
         count = _split_field(first, "split.count", what)
         if count is not None and int(count) != len(self.paths):
@@ -150,11 +193,8 @@ class GGUFModel:
                 raise FormatError(
                     f"{what} shard {self.paths[i].name} has split.no = {no}, expected {i}: the shards do not match"
                 )
-        self.tensors: list[ModelTensor] = [
-            ModelTensor(info, shard.map, i) for i, shard in enumerate(self.shards) for info in shard.header.tensors
-        ]
-        names = [t.name for t in self.tensors]
-        if len(set(names)) != len(names):
+        if len(self._by_name) != len(self.tensors):
+            names = [t.name for t in self.tensors]
             dup = next(n for n in names if names.count(n) > 1)
             raise FormatError(f"{what} {self.path.name}: tensor {dup} appears twice; is a shard given twice?")
         total = _split_field(first, "split.tensors.count", what)
@@ -177,8 +217,29 @@ class GGUFModel:
         return default if kv is None else self.shards[0].value(kv)
 
     def field_type(self, key: str) -> GGUFValueType | None:
+        """The value type of a metadata key (``ARRAY`` for any array), or None if it is absent."""
         kv = self.shards[0].kv.get(key)
         return None if kv is None else kv.vtype
+
+    def field_types(self, key: str) -> tuple[GGUFValueType, ...] | None:
+        """``(type,)``, or ``(ARRAY, item type)`` for an array, without decoding the value; None if absent."""
+        kv = self.shards[0].kv.get(key)
+        return None if kv is None else self.shards[0].value_types(kv)
+
+    def field_length(self, key: str) -> int | None:
+        """How many items an array holds, without decoding them; None if the key is absent or not an array."""
+        kv = self.shards[0].kv.get(key)
+        if kv is None or kv.vtype != GGUFValueType.ARRAY:
+            return None
+        return self.shards[0].array_length(kv)
+
+    def tensor(self, name: str) -> ModelTensor:
+        """The tensor called ``name`` (KeyError if there is none)."""
+        return self._by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        """Whether the model has a tensor called ``name``."""
+        return name in self._by_name
 
     def raw_metadata(self, leave_out: Iterable[str] = ()) -> tuple[int, bytes]:
         """The first shard's metadata items as stored (key, type and value bytes), all but ``leave_out``.
@@ -203,3 +264,8 @@ class GGUFModel:
     def size(self) -> int:
         """Bytes on disk, all shards together."""
         return sum(p.stat().st_size for p in self.paths)
+
+
+def open_file(path: str | os.PathLike[str], what: str = "GGUF file") -> GGUFModel:
+    """Open exactly one GGUF file (no shard lookup; ``split.*`` keys are plain metadata), checked and mapped."""
+    return GGUFModel(path, what, split=False)

@@ -1,14 +1,55 @@
-"""Writing a GGUF file as a stream: header, tensor infos, then tensor data in order."""
+"""Writing GGUF files: every GGUF the package writes goes through one of the two writers here.
+
+- :class:`GGUFStreamWriter` writes front to back: header (metadata given as bytes), tensor infos, then
+  each tensor's data in order. A merge copies the base's metadata (a tokenizer's hundreds of thousands
+  of items) unchanged as raw bytes (``GGUFModel.raw_metadata``) and adds its own with :func:`pack_kv`.
+- :class:`SpooledGGUFWriter` takes the tensors first and the metadata last: an AV's signature and
+  fingerprint are known only once every delta has streamed past. Tensors are spooled to a temporary
+  file by gguf-py's ``GGUFWriter`` (the well-kept writer), and the file is written at :meth:`finish`.
+
+Both guard the order of their calls with an explicit state, like gguf-py's writer (``EMPTY`` →
+``HEADER`` → ``TENSORS`` → ``DONE``): a tensor before the header, a second header, a ``finish`` with
+tensors missing or any call after ``finish`` raises :class:`WriterStateError` naming the state.
+"""
 
 from __future__ import annotations
 
+import enum
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, GGUFWriter
+
+
+class WriterState(enum.Enum):
+    """Where a writer is in its file."""
+
+    EMPTY = "nothing written"
+    HEADER = "header written, no tensor data yet"
+    TENSORS = "writing tensor data"
+    DONE = "finished"
+
+
+class WriterStateError(ValueError):
+    """A writer was called out of order (a bug in the caller, not in a file): the message names the state."""
+
+
+class _Ordered:
+    """The state and its guard, shared by both writers."""
+
+    state = WriterState.EMPTY
+
+    def _expect(self, action: str, *allowed: WriterState) -> None:
+        if self.state not in allowed:
+            wanted = " or ".join(s.name for s in allowed)
+            raise WriterStateError(
+                f"{type(self).__name__}: cannot {action} in state {self.state.name} ({self.state.value}); "
+                f"it needs state {wanted}"
+            )
 
 
 def _pack_string(text: str) -> bytes:
@@ -40,13 +81,13 @@ class TensorSlot:
     nbytes: int
 
 
-class GGUFStreamWriter:
+class GGUFStreamWriter(_Ordered):
     """Writes a GGUF v3 file front to back: header (metadata given as bytes), tensor infos, then data.
 
-    gguf-py's ``GGUFWriter`` wants every metadata item as a Python value; a merge copies the base's
-    (a tokenizer's hundreds of thousands of items) unchanged as raw bytes (``GGUFModel.raw_metadata``)
-    and adds its own with :func:`pack_kv`. Tensor data follows in the order of the infos, each padded
-    to ``alignment`` as llama.cpp expects.
+    gguf-py's ``GGUFWriter`` wants every metadata item as a Python value; this one takes them as the
+    bytes a file already holds. Tensor data follows in the order of the infos, each padded to
+    ``alignment`` as llama.cpp expects. Order: :meth:`write_header` once, :meth:`write_tensor` once per
+    slot, :meth:`finish`.
     """
 
     def __init__(self, f: BinaryIO, alignment: int = GGUF_DEFAULT_ALIGNMENT):
@@ -59,6 +100,7 @@ class GGUFStreamWriter:
 
     def write_header(self, n_kv: int, kv: bytes, tensors: Sequence[TensorSlot]) -> int:
         """Write everything before the tensor data; returns where the metadata ends (for later patches)."""
+        self._expect("write the header", WriterState.EMPTY)
         self.f.write(struct.pack("<IIQQ", GGUF_MAGIC, 3, len(tensors), n_kv))
         self.f.write(kv)
         kv_end = self.f.tell()
@@ -70,17 +112,80 @@ class GGUFStreamWriter:
             offset += -(-t.nbytes // self.alignment) * self.alignment
         self._pad()
         self._pending = list(tensors)
+        self.state = WriterState.HEADER
         return kv_end
 
     def write_tensor(self, data: np.ndarray) -> None:
         """The next tensor's bytes, exactly its slot's size."""
-        slot = self._pending.pop(0)
+        self._expect("write a tensor", WriterState.HEADER, WriterState.TENSORS)
+        if not self._pending:
+            raise WriterStateError(f"{type(self).__name__}: every tensor the header lists is written; no slot is left")
+        slot = self._pending[0]
         data = np.ascontiguousarray(data)
         if data.nbytes != slot.nbytes:
             raise ValueError(f"tensor {slot.name}: {data.nbytes} bytes given, its slot holds {slot.nbytes}")
+        self._pending.pop(0)
+        self.state = WriterState.TENSORS
         self.f.write(data.data.cast("B"))
         self._pad()
 
     def finish(self) -> None:
+        """Check that every slot was written; afterwards the writer takes no more calls."""
+        self._expect("finish", WriterState.HEADER, WriterState.TENSORS)
         if self._pending:
-            raise ValueError(f"tensor {self._pending[0].name} and {len(self._pending) - 1} more were never written")
+            raise WriterStateError(
+                f"{type(self).__name__}: cannot finish in state {self.state.name}: tensor {self._pending[0].name} "
+                f"and {len(self._pending) - 1} more were never written"
+            )
+        self.state = WriterState.DONE
+
+
+class SpooledGGUFWriter(_Ordered):
+    """A GGUF v3 file whose tensors are given before its metadata (an AV's identity is known at the end).
+
+    :meth:`add_tensor` (state ``EMPTY`` → ``TENSORS``) spools each tensor's bytes to a temporary file;
+    :meth:`add` records metadata at any time before :meth:`finish`, which writes header, metadata and
+    tensors to ``path`` (state ``DONE``). :meth:`close` (or leaving the ``with`` block) frees the
+    spool whatever happened. Metadata and tensors are serialized by gguf-py's ``GGUFWriter``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], architecture: str):
+        self._writer = GGUFWriter(os.fspath(path), architecture, use_temp_file=True)
+        self._closed = False
+
+    def add(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None) -> None:
+        """One metadata item of an explicit type (strings may be empty; arrays need ``item_type``)."""
+        self._expect("add metadata", WriterState.EMPTY, WriterState.TENSORS)
+        if vtype == GGUFValueType.ARRAY and item_type is None:
+            raise ValueError(f"metadata {key}: an array needs its item type")
+        self._writer.add_key_value(key, value, vtype, item_type)
+
+    def add_tensor(self, name: str, data: np.ndarray, tensor_type: GGMLQuantizationType | None = None) -> None:
+        """One tensor: F32/F16 values as they are, or ``tensor_type``'s raw blocks (uint8, numpy-order rows)."""
+        self._expect("add a tensor", WriterState.EMPTY, WriterState.TENSORS)
+        if tensor_type is None:
+            self._writer.add_tensor(name, data)
+        else:
+            self._writer.add_tensor(name, data, raw_dtype=tensor_type)
+        self.state = WriterState.TENSORS
+
+    def finish(self) -> None:
+        """Write the file: header, metadata, then every spooled tensor."""
+        self._expect("finish", WriterState.EMPTY, WriterState.TENSORS)
+        self._writer.write_header_to_file()
+        self._writer.write_kv_data_to_file()
+        self._writer.write_tensors_to_file()
+        self.state = WriterState.DONE
+
+    def close(self) -> None:
+        """Close the file and drop the spool (also after an error); later calls raise WriterStateError."""
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+        self.state = WriterState.DONE
+
+    def __enter__(self) -> SpooledGGUFWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

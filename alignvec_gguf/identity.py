@@ -1,14 +1,17 @@
-"""A model's identity: its tensor layout (signature) and its weights (fingerprint)."""
+"""A model's identity: its tensor layout (signature) and its weights (fingerprint), over a :class:`GGUFModel`."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
+
+if TYPE_CHECKING:  # ggufread imports signature from here
+    from .ggufread import GGUFModel
 
 # Tensors that llama.cpp's converter generates from the config rather than from checkpoint
 # weights; they are not part of the signature because an AV can never touch them.
@@ -100,19 +103,19 @@ class FingerprintCheck:
     detail: str = ""
 
 
-def _anchor_fingerprint(reader: GGUFReader) -> Fingerprint | None:
+def _anchor_fingerprint(model: GGUFModel) -> Fingerprint | None:
     """The anchors of a base GGUF, or None if one of them is not stored at F32 (then they cannot match)."""
     fp = Fingerprint()
-    for t in reader.tensors:
+    for t in model.tensors:
         if not is_anchor(t.name) or t.name in GENERATED_TENSORS:
             continue
         if t.tensor_type != GGMLQuantizationType.F32:
             return None
-        fp.add(t.name, np.asarray(t.data))
+        fp.add(t.name, t.values())
     return fp
 
 
-def check_fingerprint(recorded: str, reader: GGUFReader, computed: Fingerprint | None = None) -> FingerprintCheck:
+def check_fingerprint(recorded: str, model: GGUFModel, computed: Fingerprint | None = None) -> FingerprintCheck:
     """Compare an AV's recorded base fingerprint with a base GGUF.
 
     ``computed`` is the fingerprint of every base tensor dequantized to float32, if the caller has it
@@ -126,7 +129,7 @@ def check_fingerprint(recorded: str, reader: GGUFReader, computed: Fingerprint |
     """
     if not recorded:
         return FingerprintCheck("unverified", "nothing", "the vector records no fingerprint")
-    tensors = [t for t in reader.tensors if t.name not in GENERATED_TENSORS]
+    tensors = [t for t in model.tensors if t.name not in GENERATED_TENSORS]
     all_f32 = all(t.tensor_type == GGMLQuantizationType.F32 for t in tensors)
     all_float = all(t.tensor_type in _FLOAT_TYPES for t in tensors)
     if not recorded.startswith(FINGERPRINT_PREFIX):  # v1: one sha256 over every weight
@@ -138,7 +141,7 @@ def check_fingerprint(recorded: str, reader: GGUFReader, computed: Fingerprint |
     whole, _, anchors = recorded[len(FINGERPRINT_PREFIX) :].partition(".")
     if computed is not None and all_float and computed.whole_digest()[:_PART] == whole:
         return FingerprintCheck("same", "all weights")
-    anchor_fp = _anchor_fingerprint(reader)
+    anchor_fp = _anchor_fingerprint(model)
     comparable = anchor_fp is not None and anchor_fp.has_anchors()
     if comparable and anchor_fp is not None and anchor_fp.anchor_digest()[:_PART] != anchors:
         return FingerprintCheck("different", "norms and biases", "its norms and biases differ")

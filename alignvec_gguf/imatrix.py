@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .errors import CompatibilityError, FormatError, InputError
-from .gguffile import open_gguf
+from .errors import CompatibilityError, FormatError
+from .ggufread import GGUFModel, check_file
 
 _MAX_NAME = 1 << 16
 
@@ -65,21 +65,20 @@ def _check(path: Path, name: str, values: np.ndarray) -> np.ndarray:
 
 
 def _load_gguf(path: Path) -> Imatrix:
-    reader = open_gguf(path, "importance matrix")  # the header is checked before gguf-py parses it
+    file = GGUFModel(path, "importance matrix", split=False)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
+    for t in file.tensors:
         for suffix, into in ((".in_sum2", sums), (".counts", counts)):
             if t.name.endswith(suffix):
                 if t.tensor_type != QT.F32:
                     raise FormatError(f"importance matrix {path}: {t.name} is {t.tensor_type.name}, expected F32")
-                into[t.name.removesuffix(suffix)] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+                into[t.name.removesuffix(suffix)] = t.values().reshape(-1)
     if not sums:
         raise FormatError(f"importance matrix {path} has no *.in_sum2 tensors; is it an imatrix file?")
     out = Imatrix(path)
-    ds = reader.get_field("imatrix.datasets")
-    if ds is not None:
-        value = ds.contents()
+    value = file.field("imatrix.datasets")
+    if value is not None:
         out.datasets = [str(v) for v in (value if isinstance(value, list) else [value])]
     for name, s in sums.items():
         c = counts.get(name)
@@ -130,9 +129,7 @@ def _load_legacy(path: Path, data: bytes) -> Imatrix:
 
 def load_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     """Read an importance matrix in either of llama.cpp's formats (GGUF or legacy ``.dat``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"importance matrix {path} does not exist")
+    path = check_file(path, "importance matrix")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":

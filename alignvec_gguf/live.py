@@ -30,8 +30,7 @@ import numpy as np
 from .avfile import STORAGE_TYPES, AlignmentVector, write_lowrank_av
 from .cpu import new_llama
 from .errors import AlignVecError, CompatibilityError, FormatError, InputError
-from .gguffile import field as gguf_field
-from .gguffile import open_gguf
+from .ggufread import GGUFModel
 from .mix import check_compatible
 
 if TYPE_CHECKING:
@@ -93,6 +92,25 @@ def _stored_as(av: AlignmentVector, adapter_type: str | None) -> Iterator[Path]:
         yield path
 
 
+def check_base(base: Path, vectors: Sequence[AlignmentVector]) -> None:
+    """Check that low-rank ``vectors`` can be llama.cpp adapters of the model GGUF ``base``, before it loads.
+
+    Reads the base's header only (:class:`GGUFModel`: metadata decoded when asked, so a 262k-token
+    vocabulary costs a header walk, not gguf-py's eager parse).
+    """
+    model = GGUFModel(base, "base model")
+    if not model.field("general.architecture"):
+        raise InputError(f"base model {base} has no general.architecture; is it a model GGUF?")
+    check_compatible(model, base, [(av, 0.0) for av in vectors])
+    if "output.weight" not in model:
+        for av in vectors:
+            if "token_embd.weight" in av.names:  # llama.cpp would abort (GGML_ASSERT) on the output
+                raise CompatibilityError(
+                    f"{av.path.name} changes token_embd.weight, which {base.name} ties to its output; "
+                    "llama.cpp cannot apply that as an adapter: re-convert it with this alignvec (it drops it)"
+                )
+
+
 class LiveModel:
     """A base GGUF with low-rank alignment vectors as llama.cpp runtime adapters; λ per call.
 
@@ -128,18 +146,7 @@ class LiveModel:
         self.lambda_range = (lo, hi)
         self.base = Path(base)
         self.vectors = self._open(vectors)
-        reader = open_gguf(self.base, "base model")
-        if not gguf_field(reader, "general.architecture"):
-            raise InputError(f"base model {self.base} has no general.architecture; is it a model GGUF?")
-        check_compatible(reader, self.base, [(v.vector, 0.0) for v in self.vectors])
-        if not any(t.name == "output.weight" for t in reader.tensors):
-            for v in self.vectors:
-                if "token_embd.weight" in v.vector.names:  # llama.cpp would abort (GGML_ASSERT) on the output
-                    raise CompatibilityError(
-                        f"{v.vector.path.name} changes token_embd.weight, which {self.base.name} ties to its output; "
-                        "llama.cpp cannot apply that as an adapter: re-convert it with this alignvec (it drops it)"
-                    )
-        del reader
+        check_base(self.base, [v.vector for v in self.vectors])
         for v in self.vectors:
             v.vector.check_finite()
             self._log_dropped(v)

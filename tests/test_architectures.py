@@ -24,11 +24,11 @@ from gguf import GGUFReader
 
 from alignvec_gguf import AlignmentVector, CompatibilityError, merge
 from alignvec_gguf.cli import main
-from alignvec_gguf.gguffile import field
 from converters import ARCHITECTURES, convert
 from converters.checkpoint import Checkpoint
 from converters.layout import Layout
 from tests.support import tinymodels as tm
+from tests.support.oracle import field
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250]
 LAMBDAS = [-1.0, 0.5, 2.0]

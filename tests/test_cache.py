@@ -18,8 +18,8 @@ from alignvec_gguf import cache as cache_mod
 from alignvec_gguf.atomic import file_lock
 from alignvec_gguf.cache import MergeCache, cached_merge, parse_size
 from alignvec_gguf.cli import main
-from alignvec_gguf.gguffile import tensor_bytes
 from tests.support import tinymodels as tm
+from tests.support.oracle import tensor_bytes
 
 
 @pytest.fixture

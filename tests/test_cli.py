@@ -13,7 +13,7 @@ from gguf import GGUFReader
 from alignvec_gguf.cli import main
 from alignvec_gguf.cli.args import parse_vector
 from alignvec_gguf.errors import InputError
-from alignvec_gguf.gguffile import field
+from tests.support.oracle import field
 
 
 def test_convert_merge_inspect_run(llama_pair, quantized_bases, tmp_path, capsys, monkeypatch):

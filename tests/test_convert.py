@@ -11,9 +11,9 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 
 from alignvec_gguf.avfile import AlignmentVector
-from alignvec_gguf.gguffile import field, gguf_signature
 from converters import convert
 from tests.support import tinymodels as tm
+from tests.support.oracle import field, gguf_signature
 
 
 def test_delta_equals_llama_cpp_layout(llama_pair):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from alignvec_gguf.avfile import AlignmentVector, AVInfo, write_av
+from tests.support import oracle
 from tests.support import tinymodels as tm
 from tests.support.commands import assert_one_line_error
 from tests.support.files import sha256
@@ -92,7 +93,7 @@ def test_nan_in_vector(run_cli, llama_pair, base_copy, tmp_path):
     name = av.names[0]
     out = tmp_path / "nan.avec.gguf"
     shutil.copy(llama_pair.av, out)
-    t = next(t for t in AlignmentVector(out)._reader.tensors if t.name == name)
+    t = next(t for t in oracle.open_gguf(out).tensors if t.name == name)
     with open(out, "r+b") as f:  # poke a NaN into the first float of the first tensor
         f.seek(t.data_offset)
         f.write(np.array([np.nan], dtype=np.float32).tobytes())

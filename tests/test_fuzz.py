@@ -104,12 +104,12 @@ def test_noise(world, head, tail):
 def test_the_property_can_fail(world, monkeypatch):
     """An exception that is not an AlignVecError is reported as escaped, not swallowed."""
     _, seeds, runner = world
-    import alignvec_gguf.gguffile as gguffile
+    import alignvec_gguf.ggufread as ggufread
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("a parser bug")
 
-    monkeypatch.setattr(gguffile, "check_gguf", broken)
+    monkeypatch.setattr(ggufread, "check_gguf", broken)
     path = world[0] / "case.gguf"
     path.write_bytes(seeds["base.gguf"].data)
     assert runner.run("gguf", path)[0] == "escaped"

@@ -10,7 +10,7 @@ from gguf.quants import dequantize as np_dequantize
 
 from alignvec_gguf import ggml
 from alignvec_gguf.errors import CompatibilityError
-from alignvec_gguf.gguffile import tensor_bytes, tensor_shape
+from tests.support.oracle import tensor_bytes, tensor_shape
 
 
 @pytest.mark.parametrize("variant", ["Q8_0", "Q4_K_M"])

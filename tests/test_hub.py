@@ -21,10 +21,10 @@ from gguf import GGUFReader
 
 from alignvec_gguf import AlignmentVector, FormatError, InputError
 from alignvec_gguf.cli import main
-from alignvec_gguf.gguffile import field
 from converters import convert
 from converters.hub import parse_hub_id, resolve
 from tests.support import tinymodels as tm
+from tests.support.oracle import field
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 
 from alignvec_gguf import AlignmentVector, ggml, merge
-from alignvec_gguf.gguffile import field, tensor_bytes, tensor_shape
 from tests.support import tinymodels as tm
+from tests.support.oracle import field, tensor_bytes, tensor_shape
 
 TOKENS = [1, 5, 17, 42, 99, 200, 7, 3, 150, 33, 64, 250]
 LAMBDAS = [-1.0, -0.5, 0.0, 0.5, 1.0, 2.0]

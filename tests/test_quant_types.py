@@ -18,11 +18,11 @@ from gguf import GGUFReader, GGUFWriter
 from alignvec_gguf import AlignmentVector, blockcodec, diagnose, ggml, merge, policy, requant
 from alignvec_gguf.avfile import AVInfo, write_av
 from alignvec_gguf.errors import CompatibilityError, FormatError
-from alignvec_gguf.gguffile import field, tensor_bytes, tensor_shape
 from alignvec_gguf.identity import signature
 from alignvec_gguf.imatrix import load_imatrix
 from alignvec_gguf.policy import IMATRIX_FALLBACK
 from tests.support import tinymodels as tm
+from tests.support.oracle import field, tensor_bytes, tensor_shape
 
 merge_mod = importlib.import_module("alignvec_gguf.merge")  # the module (the package exports merge())
 

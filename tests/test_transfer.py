@@ -18,6 +18,7 @@ from gguf import GGUFReader
 
 from alignvec_gguf import AlignmentVector, AVInfo, CompatibilityError, merge, write_av
 from alignvec_gguf.cli import main
+from alignvec_gguf.ggufread import GGUFModel
 from alignvec_gguf.identity import Fingerprint, check_fingerprint
 from converters import convert
 from tests.support import tinymodels as tm
@@ -60,7 +61,7 @@ def test_the_same_base_gives_no_warning_at_any_precision(llama_pair, quantized_b
         report = merge(base, {llama_pair.av: 1.0}, tmp_path / "m.gguf")
         assert not transfer_warnings(report), (base.name, report.warnings)
     fp = AlignmentVector(llama_pair.av).info.base_fingerprint
-    assert check_fingerprint(fp, GGUFReader(quantized_bases["Q4_K_M"])).checked == "norms and biases"
+    assert check_fingerprint(fp, GGUFModel(quantized_bases["Q4_K_M"])).checked == "norms and biases"
 
 
 @pytest.mark.parametrize("lam", [-1.0, 0.8])

@@ -6,33 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from ..cache import MergeCache
 from ..cpu import system_report
 from ..errors import InputError
-
-
-def describe(path: str) -> dict[str, Any]:
-    """Metadata and tensor summary of a model or AV GGUF file."""
-    from ..gguffile import field, open_gguf, tensor_shape
-
-    reader = open_gguf(path, "file")
-    meta: dict[str, Any] = {"path": str(path), "size_bytes": Path(path).stat().st_size}
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name.startswith("tokenizer.ggml."):
-            continue
-        value = f.contents()
-        if isinstance(value, list) and len(value) > 16:
-            value = f"[{len(value)} items]"
-        meta[f.name] = value
-    meta["kind"] = "alignment_vector" if field(reader, "alignvec.format_version") is not None else "model"
-    meta["tensor_count"] = len(reader.tensors)
-    meta["tensor_types"] = dict(Counter(t.tensor_type.name for t in reader.tensors))
-    meta["tensors"] = {t.name: {"type": t.tensor_type.name, "shape": list(tensor_shape(t))} for t in reader.tensors}
-    return meta
+from ..inspect import describe
 
 
 def _printable(value: object) -> str:

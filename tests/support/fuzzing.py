@@ -51,8 +51,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from alignvec_gguf.errors import AlignVecError
 from tests.support import REPO
 from tests.support.fuzzseeds import make_seeds
@@ -72,16 +70,16 @@ class Runner:
         self.merges = 0
 
     def gguf(self, path: Path, merge_too: bool) -> None:
-        from alignvec_gguf.cli.info import describe
-        from alignvec_gguf.gguffile import open_gguf
         from alignvec_gguf.ggufread import GGUFModel
+        from alignvec_gguf.inspect import describe
         from alignvec_gguf.plan import MergePlan
 
-        reader = open_gguf(path)
-        for t in reader.tensors:
-            np.asarray(t.data).tobytes()
-        describe(str(path))
-        model = GGUFModel(path)
+        model = GGUFModel(path)  # the one reader: every metadata value decoded, every tensor's bytes read
+        for key in model.keys():
+            model.field(key)
+        for t in model.tensors:
+            t.raw().tobytes()
+        describe(path)
         if model.field("general.type") == "adapter":
             return
         MergePlan(path, {str(self.good_av): 0.5})

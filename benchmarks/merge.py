@@ -88,8 +88,8 @@ def write_vectors(base_f32: Path, full_av: Path, lowrank_av: Path, seed: int = 1
 
     from alignvec_gguf import pages
     from alignvec_gguf.avfile import AVInfo, LoraStats, write_av, write_lowrank_av
-    from alignvec_gguf.gguffile import tensor_shape
     from alignvec_gguf.identity import signature
+    from tests.support.oracle import tensor_shape
 
     reader = GGUFReader(base_f32)  # its pages are dropped below: forked children start from our RSS
     pairs = [(t.name, tensor_shape(t)) for t in reader.tensors]
@@ -221,7 +221,7 @@ def numpy_pipeline(spec: dict[str, Any], t0: float) -> dict[str, Any]:
     from gguf.quants import dequantize, quantize
 
     from alignvec_gguf import AlignmentVector
-    from alignvec_gguf.gguffile import tensor_bytes, tensor_shape
+    from tests.support.oracle import tensor_bytes, tensor_shape
 
     reader, av = GGUFReader(spec["base"]), AlignmentVector(spec["av"])
     total = sum(int(t.n_elements) for t in reader.tensors)

@@ -299,7 +299,7 @@ def lowrank_from_full(full: Path, base: Path, out: Path, rank: int) -> Path:
     import numpy as np
 
     from alignvec_gguf.avfile import AlignmentVector
-    from alignvec_gguf.gguffile import open_gguf
+    from alignvec_gguf.ggufread import open_file as open_gguf
     from converters.lowrank import write_lowrank
 
     av = AlignmentVector(full)

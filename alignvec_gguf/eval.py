@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +266,21 @@ def _new_result(
     )
 
 
+def vector_refs(vectors: Mapping[str, str | os.PathLike[str]]) -> Callable[[str, float], VectorRef]:
+    """``(domain, λ) ->`` the reference a mix of a run uses: the domain's vector opened once, at its first λ ≠ 0,
+    and that same :class:`AlignmentVector` for every later mix (a λ = 0 mix merges nothing and opens nothing)."""
+    opened: dict[str, AlignmentVector] = {}
+
+    def ref(domain: str, lam: float) -> VectorRef:
+        if lam == 0:
+            return vectors[domain]
+        if domain not in opened:
+            opened[domain] = AlignmentVector(vectors[domain])
+        return opened[domain]
+
+    return ref
+
+
 @contextmanager
 def merged_model(base: Path, vectors: Mapping[VectorRef, float], work_dir: Path, requant: str) -> Iterator[Path]:
     """The merged model for one mix, in ``work_dir``, deleted afterwards (the base itself when all λ = 0)."""
@@ -347,9 +362,10 @@ def evaluate(
     base, grid, groups = check_inputs(base, vectors, items, lambdas)
     result = _new_result(base, vectors, groups, grid, requant)
     jobs = [(d, lam) for d in vectors for lam in grid]
+    ref = vector_refs(vectors)
     with tempfile.TemporaryDirectory(prefix="alignvec-eval-") as tmp:
         for domain, lam in tqdm(jobs, desc=desc, unit="model", disable=not progress, leave=False):
-            mix: dict[VectorRef, float] = {vectors[domain]: lam}
+            mix: dict[VectorRef, float] = {ref(domain, lam): lam}
             got = score_mix(base, mix, {domain: groups[domain]}, Path(tmp), requant=requant, n_threads=n_threads)
             result.curves.setdefault(domain, {})[lam] = got[domain]
     return result

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import InputError
-from .eval import LEVELS, EvalItem, Shares, check_inputs, score_mix
+from .eval import LEVELS, EvalItem, Shares, check_inputs, score_mix, vector_refs
 from .mix import VectorRef
 from .policy import DEFAULT_POLICY
 
@@ -128,9 +128,10 @@ def search(
     domains = list(vectors)
     result = SearchResult(grid=values, threshold=threshold, domains=domains)
     combos = list(itertools.product(values, repeat=len(domains)))
+    ref = vector_refs(vectors)  # each vector opened once for the whole grid
     with tempfile.TemporaryDirectory(prefix="alignvec-search-") as tmp:
         for lams in tqdm(combos, desc="search", unit="mix", disable=not progress, leave=False):
-            mix: dict[VectorRef, float] = {vectors[d]: lam for d, lam in zip(domains, lams, strict=True)}
+            mix: dict[VectorRef, float] = {ref(d, lam): lam for d, lam in zip(domains, lams, strict=True)}
             got = score_mix(base, mix, groups, Path(tmp), requant=requant, n_threads=n_threads)
             result.points.append(Point(dict(zip(domains, lams, strict=True)), got))
     result.combinations = best_points(result.points, domains, threshold)

@@ -37,11 +37,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 DECODE_TOKENS = 48
 PROMPT_TOKENS = 128
-SIZES = {"quick": "quick", "1b": "full"}
+SIZES = {"quick": "90m", "1b": "1b"}  # tests/support/synthetic.py's shapes, the same random Llama as merge.py's
 CONFIGS = ("default", "guard", "no_extra_bufts")
 TYPES = ("Q4_K_M", "Q4_0")
 
@@ -49,10 +48,9 @@ TYPES = ("Q4_K_M", "Q4_0")
 def build(root: Path, size: str) -> dict[str, Path]:
     """The F32 model and its quantizations (cached: built once per size)."""
     import llama_cpp
-    from merge import SIZES as MERGE_SIZES  # benchmarks/merge.py: the same random Llama
-    from merge import write_base
 
     from alignvec_gguf import ggml
+    from tests.support.synthetic import SHAPES, write_float_base
 
     root.mkdir(parents=True, exist_ok=True)
     f32 = root / f"cpu-{size}-f32.gguf"
@@ -62,7 +60,7 @@ def build(root: Path, size: str) -> dict[str, Path]:
         if not path.exists():
             if not f32.exists():
                 tmp = f32.with_suffix(".tmp")
-                write_base(tmp, MERGE_SIZES[SIZES[size]])
+                write_float_base(tmp, SHAPES[SIZES[size]], dtype="f32", pooled=False)
                 os.replace(tmp, f32)
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
@@ -77,9 +75,8 @@ def build(root: Path, size: str) -> dict[str, Path]:
 
 
 def child(config: str, path: str) -> dict[str, Any]:
-    from merge import decode_speed  # benchmarks/merge.py
-
     from alignvec_gguf import cpu
+    from tests.support.measure import decode_speed
 
     if config == "default":
         buffers = cpu.plan(path, allow_amx=True)

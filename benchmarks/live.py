@@ -61,7 +61,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +77,7 @@ from converters import convert  # noqa: E402
 from tests.support import llamatools  # noqa: E402
 from tests.support import tinymodels as tm  # noqa: E402
 from tests.support.loopback import free_port, http, process, tail  # noqa: E402
+from tests.support.measure import timed, tokens_per_s  # noqa: E402
 
 RANKS = (8, 32, 128)
 LIVE_RANK = 32
@@ -126,31 +126,6 @@ def fidelity(ref: np.ndarray, got: np.ndarray, base: np.ndarray) -> dict[str, fl
     cos = float((shift * ref_shift).sum() / np.linalg.norm(shift) / np.linalg.norm(ref_shift))
     top1 = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
     return {"kl": round(kl, 5), "shift_share": round(share, 4), "shift_cosine": round(cos, 4), "top1": round(top1, 4)}
-
-
-def tokens_per_s(llm: Llama, prompt: list[int], n: int) -> tuple[float, float]:
-    """Greedy decode speed over exactly ``n`` tokens (EOS does not stop it): per CPU second, per wall second."""
-    llm.reset()
-    gen = llm.generate(prompt, temp=0.0)
-    next(gen)  # the prompt is evaluated before the first token: not decode speed
-    cpu, wall = time.process_time(), time.perf_counter()
-    for i, _tok in enumerate(gen):
-        if i + 1 == n:
-            break
-    speed = n / (time.process_time() - cpu), n / (time.perf_counter() - wall)
-    gen.close()
-    return speed
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Best wall time of ``fn`` over ``repeats`` calls, in milliseconds (on a shared machine the best is the
-    cost of the work itself; slower runs measure the neighbours)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return min(times)
 
 
 def without_dropped(full: Path, out: Path) -> Path:

@@ -42,16 +42,15 @@ from typing import Any
 import numpy as np
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from live import timed, tokens_per_s  # noqa: E402  (benchmarks/live.py: the same measurements at 48M)
 
 from alignvec_gguf import cached_merge, merge  # noqa: E402
 from alignvec_gguf.cpu import new_llama  # noqa: E402
 from alignvec_gguf.live import LiveModel  # noqa: E402
 from tests.support import llamatools, synthetic  # noqa: E402
 from tests.support.loopback import free_port, http, process, tail  # noqa: E402
+from tests.support.measure import timed, tokens_per_s  # noqa: E402  (benchmarks/live.py's, at 48M)
 
 RANK = 32
 LAMBDAS = (1.0, 0.5, -0.5)

@@ -15,7 +15,7 @@ process (timings and peak RSS from ``wait4``). What is measured:
 - ``export_lora_pipeline_vs_merge``: llama.cpp's ``llama-export-lora`` (F32 base + a rank-32 LoRA -> F16)
   then ``llama-quantize`` (-> Q4_K_M), built from the llama-cpp-python source distribution, against
   ``alignvec merge`` of the same low-rank vector into the Q4_K_M base. Both tools are built from the
-  pinned llama-cpp-python sdist on first use and cached (``tests/llamatools.py``; LLAMA_CPP_BIN points at
+  pinned llama-cpp-python sdist on first use and cached (``tests/support/llamatools.py``; LLAMA_CPP_BIN points at
   tools built by hand instead); where that is impossible the output says why in one line.
 - ``numpy_pipeline_vs_merge``: gguf-py's numpy dequantize + quantize of the same merge (Q8_0 base: gguf-py
   cannot quantize K-quants); past 60 s it is extrapolated from the tensors done.
@@ -35,13 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +47,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.synthetic import SHAPES, llama_writer, tensor_specs  # noqa: E402
+from tests.support import measure  # noqa: E402
+from tests.support.measure import decode_speed, peak_rss_mb, run_timed  # noqa: E402
+from tests.support.synthetic import SHAPES, tensor_specs, write_float_base  # noqa: E402
 
 SIZES = {"full": SHAPES["1b"], "quick": SHAPES["90m"]}
 DECODE_TOKENS = 32
@@ -58,28 +57,6 @@ LORA_RANK = 32
 
 
 # --- building the model, the vectors ---------------------------------------------------------------
-
-
-def _weights(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    if len(shape) == 1:
-        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-
-
-def write_base(path: Path, d: dict[str, int], seed: int = 0) -> int:
-    """A random Llama as an F32 GGUF that llama.cpp loads, streamed tensor by tensor; returns its parameters."""
-    w = llama_writer(path, d, 0)  # all F32
-    specs = tensor_specs(d)
-    for name, shape in specs:
-        w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    rng = np.random.default_rng(seed)
-    for name, shape in specs:
-        w.write_tensor_data(_weights(name, shape, rng))
-    w.close()
-    return sum(int(np.prod(s)) for _, s in specs)
 
 
 def write_vectors(base_f32: Path, full_av: Path, lowrank_av: Path, seed: int = 1) -> None:
@@ -117,16 +94,6 @@ def write_vectors(base_f32: Path, full_av: Path, lowrank_av: Path, seed: int = 1
 
 
 # --- children: every measurement in a fresh process -----------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM: reset by exec, unlike ru_maxrss, which keeps the forking
-    parent's high-water mark)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(task: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -176,23 +143,8 @@ def _child(task: str, spec: dict[str, Any]) -> dict[str, Any]:
 
         llm = load(spec["base"], {spec["av"]: spec["lam"]}, mode="direct", n_ctx=256, n_threads=spec["threads"])
         seconds = time.perf_counter() - t0
-        return {"load_seconds": seconds, "tokens_per_s": decode_speed(llm)}
+        return {"load_seconds": seconds, "tokens_per_s": decode_speed(llm, tokens=DECODE_TOKENS)}
     raise ValueError(task)
-
-
-def decode_speed(
-    llm: Any, *, tokens: int = DECODE_TOKENS, repeats: int = 2, clock: Callable[[], float] = time.perf_counter
-) -> float:
-    """Best tokens/s over ``repeats`` runs of ``tokens`` single-token evals after an 8-token prompt."""
-    llm.eval([1, 300, 301, 302, 303, 304, 305, 306])
-    best = 0.0
-    for _ in range(repeats):
-        t0 = clock()
-        for i in range(tokens):
-            llm.eval([400 + i])
-        best = max(best, tokens / (clock() - t0))
-        llm.n_tokens = 8
-    return best
 
 
 def speed(spec: dict[str, Any]) -> dict[str, Any]:
@@ -244,31 +196,8 @@ def numpy_pipeline(spec: dict[str, Any], t0: float) -> dict[str, Any]:
 
 
 def run_child(task: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one measurement in a fresh process; adds its wall time and peak RSS."""
-    cmd = [sys.executable, __file__, "--child", task, json.dumps(spec)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{task} failed:\n{err[-3000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["wall"] = wall
-    return result
-
-
-def run_timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall time and peak RSS (MB) of an external command."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-        )
-    return wall, usage.ru_maxrss // 1024
+    """Run one measurement in a fresh process (this script's ``--child``); adds its wall time and peak RSS."""
+    return measure.run_child(Path(__file__), task, spec)
 
 
 def run_child_rss(task: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -297,8 +226,7 @@ def main() -> None:
         print(json.dumps(child(args.child[0], json.loads(args.child[1]))))
         return
     if args.size == "7b" or args.lean:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        import merge_7b
+        import merge_7b  # benchmarks/merge_7b.py, beside this script
 
         merge_7b.main(args, "90m" if args.quick and args.size != "7b" else args.size)
         return
@@ -317,7 +245,7 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         f32 = root / "base-f32.gguf"
-        params = write_base(f32, dims)
+        params = write_float_base(f32, dims, dtype="f32", pooled=False)
         full_av, lowrank_av = root / "full.avec.gguf", root / "lowrank.avec.gguf"
         write_vectors(f32, full_av, lowrank_av)
         out["params"] = params

@@ -26,15 +26,23 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import merge as bench  # benchmarks/merge.py: the children and their measurements
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests.support
 
-from tests.support import synthetic
+from tests.support import measure, synthetic  # noqa: E402
+
+MERGE = Path(__file__).with_name("merge.py")  # its --child tasks: the measurements, each in a fresh process
 
 DECODE_TOKENS_7B = 16
+
+
+def run_child(task: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """One of benchmarks/merge.py's measurements in a fresh process (its wall time and peak RSS added)."""
+    return measure.run_child(MERGE, task, spec)
 
 
 def main(args: argparse.Namespace, size: str = "7b") -> None:
@@ -70,8 +78,8 @@ def main(args: argparse.Namespace, size: str = "7b") -> None:
     out: dict[str, Any] = {"model": f"{size} ({dims})", "params": record["params"], "threads": threads}
     try:
         shutil.rmtree(cache, ignore_errors=True)
-        digest = bench.run_child("digest", {**mix, "cache": str(cache), "requant": DEFAULT_POLICY})
-        default = bench.run_child("cached_merge", {**mix, "cache": str(cache), "requant": DEFAULT_POLICY})
+        digest = run_child("digest", {**mix, "cache": str(cache), "requant": DEFAULT_POLICY})
+        default = run_child("cached_merge", {**mix, "cache": str(cache), "requant": DEFAULT_POLICY})
         merged = Path(default["path"])
         merged_size = merged.stat().st_size / 2**20
 
@@ -79,15 +87,15 @@ def main(args: argparse.Namespace, size: str = "7b") -> None:
         hit_spec = {**mix, "threads": threads, "cache": str(cache), "mix": True, "decode": False}
         base_tps, merged_tps, hits, plains = [], [], [], []
         for _ in range(2):  # interleaved: a busy moment hits both sides alike
-            base_tps.append(bench.run_child("speed", {**spec, "path": str(base)})["tokens_per_s"])
-            merged_tps.append(bench.run_child("speed", {**spec, "path": str(merged)})["tokens_per_s"])
-            hits.append(bench.run_child("speed", hit_spec)["load_seconds"])
+            base_tps.append(run_child("speed", {**spec, "path": str(base)})["tokens_per_s"])
+            merged_tps.append(run_child("speed", {**spec, "path": str(merged)})["tokens_per_s"])
+            hits.append(run_child("speed", hit_spec)["load_seconds"])
             plains.append(
-                bench.run_child("speed", {"threads": threads, "path": str(merged), "decode": False})["load_seconds"]
+                run_child("speed", {"threads": threads, "path": str(merged), "decode": False})["load_seconds"]
             )
         hit, plain, btps, mtps = min(hits), min(plains), max(base_tps), max(merged_tps)
         shutil.rmtree(cache, ignore_errors=True)  # one merged model on disk at a time
-        hifi = bench.run_child("merge", {**mix, "out": str(hifi_out), "requant": "hifi"})
+        hifi = run_child("merge", {**mix, "out": str(hifi_out), "requant": "hifi"})
         hifi_size = hifi_out.stat().st_size / 2**20
         hifi_out.unlink()
         rows.append(("digests", f"the inputs' content digests, once per file (remembered): {digest['seconds']:.1f}s"))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,17 @@ from tests.support.commands import run_main
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
     """``run_cli(*argv)``: ``alignvec ARGV...`` in this process, returning (exit status, stderr)."""
     return functools.partial(run_main, capsys)
+
+
+@pytest.fixture(scope="module")
+def live(llama_pair: Pair, lowrank_pair: LowRankPair) -> Iterator[Any]:
+    """The servers' LiveModel on the tiny models (tests/support/loopback.py's ``tiny_live``), one per test module
+    and closed after it (test_clients.py and test_live.py define their own)."""
+    from tests.support.loopback import tiny_live
+
+    model = tiny_live(llama_pair, lowrank_pair)
+    yield model
+    model.close()
 
 
 @pytest.fixture(scope="session")

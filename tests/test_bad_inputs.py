@@ -344,7 +344,7 @@ def test_vector_metadata_never_reaches_a_path(llama_pair, quantized_bases, tmp_p
 def test_hub_and_pickle_safety_are_covered_in_test_hub():
     """Hub downloads are limited to what the converter reads and pickle needs --allow-pickle (weights_only):
     tests/test_hub.py::test_only_what_the_converter_reads_is_downloaded and the two pickle tests."""
-    import test_hub
+    from tests import test_hub
 
     assert callable(test_hub.test_only_what_the_converter_reads_is_downloaded)
     assert callable(test_hub.test_pickle_checkpoints_need_allow_pickle)

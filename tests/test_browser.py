@@ -30,7 +30,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from alignvec_gguf.live import LiveModel  # noqa: E402
 from alignvec_gguf.server import create_app  # noqa: E402
-from tests.support.loopback import http, serve_app, tiny_live  # noqa: E402
+from tests.support.loopback import http, serve_app  # noqa: E402
 
 CHROMIUM = os.environ.get("ALIGNVEC_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ALIGNVEC_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -73,13 +73,6 @@ class Recorder:
             await send(msg)
 
         await self.app(scope, recv, snd)
-
-
-@pytest.fixture(scope="module")
-def live(llama_pair, lowrank_pair):
-    model = tiny_live(llama_pair, lowrank_pair)
-    yield model
-    model.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ pytest.importorskip("uvicorn")
 
 from alignvec_gguf.cli import main  # noqa: E402
 from alignvec_gguf.server import create_app  # noqa: E402
-from tests.support.loopback import serve_app, tiny_live  # noqa: E402
+from tests.support.loopback import serve_app  # noqa: E402
 
 PROMPT = "the patient reports"
 
@@ -39,13 +39,6 @@ def sse_events(text: str) -> list[Any]:
     events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
-
-
-@pytest.fixture(scope="module")
-def live(llama_pair, lowrank_pair):
-    model = tiny_live(llama_pair, lowrank_pair)
-    yield model
-    model.close()
 
 
 @pytest.fixture(scope="module")

@@ -111,18 +111,23 @@ class Pool:
         return np.concatenate([head, *([self.values] * reps), self.values[:rem]])
 
 
-def _weights(pool: Pool, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor like a trained model's at this scale: norms near 1, matrices with std 0.02."""
-    values = pool.take(int(np.prod(shape))).reshape(shape)
+def _weights(pool: Pool | np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor like a trained model's at this scale: norms near 1, matrices with std 0.02 (tiled from the pool,
+    or drawn afresh from a generator)."""
+    if isinstance(pool, Pool):
+        values = pool.take(int(np.prod(shape))).reshape(shape)
+    else:
+        values = pool.standard_normal(shape, dtype=np.float32)
     if len(shape) == 1:
         return values * np.float32(0.1) + np.float32(1.0)
     return values * np.float32(0.02)
 
 
-def write_float_base(path: Path, d: dict[str, int], *, dtype: str = "f16", seed: int = 0) -> int:
+def write_float_base(path: Path, d: dict[str, int], *, dtype: str = "f16", seed: int = 0, pooled: bool = True) -> int:
     """A random Llama as an F16 (or F32) GGUF, written one tensor at a time; returns its parameter count.
 
-    Norms stay F32, as llama.cpp's converter writes them."""
+    Norms stay F32, as llama.cpp's converter writes them. ``pooled=False`` draws every value afresh (slower:
+    for the models small enough, such as benchmarks/merge.py's and cpu.py's)."""
     ftype = {"f32": 0, "f16": 1}[dtype]
     w = llama_writer(path, d, ftype)
     specs = tensor_specs(d)
@@ -135,7 +140,7 @@ def write_float_base(path: Path, d: dict[str, int], *, dtype: str = "f16", seed:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    pool = Pool(seed)
+    pool = Pool(seed) if pooled else np.random.default_rng(seed)
     for _name, shape in specs:
         w.write_tensor_data(_weights(pool, shape).astype(stored(shape)))
     w.close()

@@ -97,9 +97,14 @@ def perturbed(model, seed: int, scale: float = 0.05, untouched: tuple[str, ...] 
         if any(u in name for u in untouched):
             out[name] = w.clone()
             continue
-        std = float(w.float().std()) if w.numel() > 1 else 1.0
-        out[name] = w + scale * std * torch.randn(w.shape, generator=g)
+        out[name] = _nudged(w, scale, g)
     return out
+
+
+def _nudged(w: torch.Tensor, scale: float, g: torch.Generator) -> torch.Tensor:
+    """``w`` moved by scale·std(w)·noise (std 1 for a single value)."""
+    std = float(w.float().std()) if w.numel() > 1 else 1.0
+    return w + scale * std * torch.randn(w.shape, generator=g)
 
 
 def save(model, state: dict[str, torch.Tensor] | None, path: Path, tokenizer: Path, **kwargs: object) -> Path:  # noqa: ANN001
@@ -188,8 +193,7 @@ def lowrank_perturbed(  # noqa: ANN001 (model: a transformers model)
             out[name] = w.clone()
             continue
         if w.ndim != 2:
-            std = float(w.float().std()) if w.numel() > 1 else 1.0
-            out[name] = w + scale * std * torch.randn(w.shape, generator=g)
+            out[name] = _nudged(w, scale, g)
             continue
         m, n = w.shape
         k = min(rank, m, n)

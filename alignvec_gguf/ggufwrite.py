@@ -7,7 +7,9 @@
   fingerprint are known only once every delta has streamed past. Tensors are spooled to a temporary
   file by gguf-py's ``GGUFWriter`` (the well-kept writer), and the file is written at :meth:`finish`.
 
-Both guard the order of their calls with an explicit state, like gguf-py's writer (``EMPTY`` →
+:func:`patch_header` fills in, after the tensors, metadata a stream writer could only reserve room for.
+
+Both writers guard the order of their calls with an explicit state, like gguf-py's writer (``EMPTY`` →
 ``HEADER`` → ``TENSORS`` → ``DONE``): a tensor before the header, a second header, a ``finish`` with
 tensors missing or any call after ``finish`` raises :class:`WriterStateError` naming the state.
 """
@@ -69,6 +71,27 @@ def pack_kv(key: str, value: str | Sequence[str] | Sequence[float]) -> bytes:
         body = b"".join(_pack_string(str(v)) for v in items)
         return head + struct.pack("<IQ", GGUFValueType.STRING, len(items)) + body
     return head + struct.pack("<IQ", GGUFValueType.FLOAT64, len(items)) + struct.pack(f"<{len(items)}d", *items)
+
+
+def patch_header(path: str | os.PathLike[str], end: int, replacements: dict[bytes, bytes]) -> None:
+    """Overwrite placeholders in a written file's first ``end`` bytes (its metadata) with same-length values.
+
+    A merge learns some of its metadata (vector digests, the kept share) only after the tensors are written;
+    its header holds unique placeholders of the final length (:func:`pack_kv` of random values), replaced
+    here in place. Each placeholder must occur exactly once and keep its length, or nothing is written.
+    """
+    with open(path, "r+b") as f:
+        head = f.read(end)
+        places = []
+        for old, new in replacements.items():
+            at = head.find(old)
+            if at < 0 or head.find(old, at + 1) >= 0 or len(old) != len(new):
+                found = "absent" if at < 0 else "not unique" if len(old) == len(new) else "of another length"
+                raise ValueError(f"{path}: a header placeholder of {len(old)} bytes is {found}; nothing was patched")
+            places.append((at, new))
+        for at, new in places:
+            f.seek(at)
+            f.write(new)
 
 
 @dataclass(frozen=True)

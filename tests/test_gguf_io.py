@@ -33,6 +33,7 @@ from alignvec_gguf.ggufwrite import (
     WriterState,
     WriterStateError,
     pack_kv,
+    patch_header,
 )
 from alignvec_gguf.inspect import describe
 from tests.support import oracle
@@ -102,6 +103,29 @@ def test_stream_writer_output_reads_back_through_gguf_py(tmp_path: Path) -> None
     assert oracle.tensor_shape(got["a"]) == (2, 32) and got["b"].tensor_type == QT.F16
     assert oracle.tensor_bytes(reader, got["a"]).tobytes() == A.tobytes()
     assert oracle.tensor_bytes(reader, got["b"]).tobytes() == B.tobytes()
+
+
+def test_patch_header_fills_placeholders_once_or_not_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "patched.gguf"
+    items = [pack_kv("x.digest", "?" * 8), pack_kv("x.kept", [0.25, 0.75]), pack_kv("x.other", "?" * 8)]
+    with open(path, "wb") as f:
+        w = GGUFStreamWriter(f)
+        end = w.write_header(len(items), b"".join(items), _slots(("a", A, QT.F32)))
+        w.write_tensor(A)
+        w.finish()
+    before = path.read_bytes()
+    for bad, why in (
+        ({b"?" * 8: b"x" * 8}, "not unique"),  # in two items
+        ({b"#" * 8: b"x" * 8}, "absent"),
+        ({pack_kv("x.kept", [0.25, 0.75]): b"short"}, "of another length"),
+    ):
+        with pytest.raises(ValueError, match=f"placeholder of .* bytes is {why}; nothing was patched"):
+            patch_header(path, end, {pack_kv("x.kept", [0.25, 0.75]): pack_kv("x.kept", [0.5, 0.5]), **bad})
+        assert path.read_bytes() == before
+    patch_header(path, end, {pack_kv("x.kept", [0.25, 0.75]): pack_kv("x.kept", [0.5, 1.0])})
+    reader = oracle.open_gguf(path)
+    assert oracle.field(reader, "x.kept") == [0.5, 1.0] and oracle.field(reader, "x.digest") == "?" * 8
+    assert oracle.tensor_bytes(reader, reader.tensors[0]).tobytes() == A.tobytes()
 
 
 # --- SpooledGGUFWriter: tensors first, metadata until finish ---------------------------------------------

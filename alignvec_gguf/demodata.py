@@ -33,7 +33,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .cache import cached_merge, default_cache_dir
 from .cpu import new_llama
 from .errors import FormatError, InputError
-from .eval import EvalItem, EvalResult, evaluate, load_eval_set
+from .eval import EvalResult, evaluate
+from .evalset import EvalItem, load_eval_set
 
 BASE_FILE = "base.Q4_K_M.gguf"
 DOMAINS = ("medical", "legal", "financial")

@@ -5,12 +5,7 @@ by its length-normalised log-likelihood: the mean log p(token | prompt, earlier 
 response's tokens and the end-of-sequence token. The *share* of a level is the fraction of questions
 whose highest-scoring response is that level's; the preference accuracy for a target level is its
 share. Each domain's vector is merged alone at each λ (other domains at 0) and scored on that domain's
-questions.
-
-The eval set is JSON: a list of ``{"domain": ..., "prompt": ..., "responses": {level: text}}``; the
-response follows the prompt after one space, as the bundled tiny models were trained, unless the item
-says otherwise with ``"separator"`` (``""`` for prompts in a chat template, which end where the
-assistant's turn begins). Special tokens written in the text (``<|im_start|>`` ...) are parsed as such.
+questions. The eval set (its JSON format, :class:`EvalItem`) is ``evalset.py``'s.
 
 :class:`MixScorer` scores the same way under decoding-time realignment (DeRa, arXiv 2402.02992): per
 token, the logits are ``(1 − λ)·z_base + λ·z_aligned``, two forward passes instead of one merged model.
@@ -18,7 +13,6 @@ token, the logits are ``(1 − λ)·z_base + λ·z_aligned``, two forward passes
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,6 +28,7 @@ from tqdm import tqdm
 
 from .avfile import AlignmentVector
 from .errors import FormatError, InputError
+from .evalset import LEVELS, EvalItem, Shares, by_domain
 from .merge import merge
 from .mix import VectorRef
 from .policy import DEFAULT_POLICY
@@ -43,54 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("avoidance", "generic", "expert")
 DEFAULT_LAMBDAS = (-1.5, -1.0, -0.5, 0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5)
 N_CTX = 512  # prompt + response; llama-cpp-python keeps n_ctx x n_vocab logits with logits_all
-
-Shares = dict[str, float]  # level -> share of questions
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    """One held-out question: its domain, the prompt and one response per level."""
-
-    domain: str
-    prompt: str
-    responses: dict[str, str]
-    separator: str = " "  # between the prompt and a response
-
-    def text(self, level: str) -> str:
-        """The prompt followed by the response at ``level``."""
-        return f"{self.prompt}{self.separator}{self.responses[level]}"
-
-
-def load_eval_set(path: str | os.PathLike[str]) -> list[EvalItem]:
-    """Read and check an eval set (see the module docstring for the format)."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"eval set {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"eval set {path} is not readable JSON ({e}); give a JSON list of questions") from None
-    if not isinstance(raw, list) or not raw:
-        raise FormatError(f"eval set {path} must be a non-empty JSON list of {{domain, prompt, responses}} objects")
-    items = []
-    for i, rec in enumerate(raw):
-        ok = isinstance(rec, dict) and isinstance(rec.get("domain"), str) and isinstance(rec.get("prompt"), str)
-        responses = rec.get("responses") if isinstance(rec, dict) else None
-        if not ok or not isinstance(responses, dict) or set(responses) != set(LEVELS):
-            raise FormatError(
-                f"eval set {path}, item {i}: expected {{'domain': str, 'prompt': str, 'responses': "
-                f"{{{', '.join(LEVELS)}: str}}}}"
-            )
-        if not all(isinstance(responses[lv], str) and responses[lv] for lv in LEVELS):
-            raise FormatError(f"eval set {path}, item {i}: every response must be a non-empty string")
-        separator = rec.get("separator", " ")
-        if not isinstance(separator, str):
-            raise FormatError(f"eval set {path}, item {i}: 'separator' must be a string")
-        items.append(EvalItem(rec["domain"], rec["prompt"], {lv: responses[lv] for lv in LEVELS}, separator))
-    return items
 
 
 def domain_of(vector: str | os.PathLike[str]) -> str:
@@ -202,14 +151,6 @@ def shares(scorer: Scorer, items: Sequence[EvalItem]) -> Shares:
     for item in items:
         counts[preferred(scorer.level_scores(item))] += 1
     return {lv: counts[lv] / len(items) for lv in LEVELS}
-
-
-def by_domain(items: Sequence[EvalItem]) -> dict[str, list[EvalItem]]:
-    """Items grouped by domain, in order of first appearance."""
-    groups: dict[str, list[EvalItem]] = {}
-    for item in items:
-        groups.setdefault(item.domain, []).append(item)
-    return groups
 
 
 def check_lambdas(lambdas: Sequence[float]) -> list[float]:

@@ -20,7 +20,8 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import InputError
-from .eval import LEVELS, EvalItem, Shares, check_inputs, score_mix, vector_refs
+from .eval import check_inputs, score_mix, vector_refs
+from .evalset import LEVELS, EvalItem, Shares
 from .mix import VectorRef
 from .policy import DEFAULT_POLICY
 

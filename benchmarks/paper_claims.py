@@ -44,7 +44,8 @@ import data as spectrum  # noqa: E402
 
 from alignvec_gguf import merge  # noqa: E402
 from alignvec_gguf.demodata import demo_data  # noqa: E402
-from alignvec_gguf.eval import by_domain, evaluate  # noqa: E402
+from alignvec_gguf.eval import evaluate  # noqa: E402
+from alignvec_gguf.evalset import by_domain  # noqa: E402
 from alignvec_gguf.search import DEFAULT_GRID, search  # noqa: E402
 
 OPENERS = {"medical": "Clinically", "legal": "Legally", "financial": "Financially"}
@@ -222,7 +223,8 @@ def smollm2_claims(args: argparse.Namespace) -> None:
     ``args.parts`` picks what to measure; the figures of the other parts are kept from an earlier run's
     ``results/smollm2/paper_claims.json``, so one part can be measured again alone.
     """
-    from alignvec_gguf.eval import evaluate_dera, load_eval_set
+    from alignvec_gguf.eval import evaluate_dera
+    from alignvec_gguf.evalset import load_eval_set
 
     build = args.build_dir or ROOT / "build" / "preference_spectrum_smollm2"
     stats_file = build / "stats.json"

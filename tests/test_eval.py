@@ -18,17 +18,15 @@ from alignvec_gguf.cli import main
 from alignvec_gguf.cli.report import eval_table, search_table
 from alignvec_gguf.errors import FormatError, InputError
 from alignvec_gguf.eval import (
-    LEVELS,
-    EvalItem,
     MixScorer,
     Scorer,
     evaluate,
     evaluate_dera,
-    load_eval_set,
     preferred,
     result_from_json,
     shares,
 )
+from alignvec_gguf.evalset import LEVELS, EvalItem, load_eval_set
 from alignvec_gguf.search import Point, best_points, search
 
 LIMIT = 6  # questions per domain in the slower tests

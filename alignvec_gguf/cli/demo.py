@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from .. import demodata  # called through the module: what tests (and users) patch there applies here
 from ..demodata import BASE_FILE, DEMO_DOMAIN, DOMAINS, REAL_REPEAT_PENALTY, DemoData, check_lambdas, quiet_merges
 from ..errors import InputError
-from ..eval import EvalItem, evaluate
+from ..eval import evaluate
+from ..evalset import EvalItem
 from ..policy import DEFAULT_POLICY
 from .report import eval_table
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from ..demodata import demo_data
 from ..errors import InputError
-from ..eval import by_domain, domain_of, evaluate, load_eval_set
+from ..eval import domain_of, evaluate
+from ..evalset import by_domain, load_eval_set
 from ..fidelity import fidelity
 from ..search import search
 from .args import vectors as parse_vectors

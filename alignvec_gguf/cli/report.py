@@ -11,7 +11,8 @@ from typing import Any
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..eval import LEVELS, EvalResult
+from ..eval import EvalResult
+from ..evalset import LEVELS
 from ..search import SearchResult
 
 SHORT = {"avoidance": "avoid", "generic": "generic", "expert": "expert"}

@@ -96,9 +96,9 @@ def merge(
 
     ``vectors`` maps AV paths (or :class:`AlignmentVector` objects) to λ, or is a :class:`VectorMix` (opened
     and checked already: used as it is). ``requant`` is a policy of
-    :data:`POLICIES` or a ggml type name for the touched matrices. ``imatrix`` is llama.cpp's importance
+    ``policy.POLICIES`` or a ggml type name for the touched matrices. ``imatrix`` is llama.cpp's importance
     matrix (GGUF or legacy ``.dat``), used for every touched tensor it covers and required by the
-    IQ1/IQ2 types (without it they fall back, with a warning; see :data:`IMATRIX_FALLBACK`).
+    IQ1/IQ2 types (without it they fall back, with a warning; see ``policy.IMATRIX_FALLBACK``).
     ``full_base`` is the full-precision GGUF the quantized base was made from: touched tensors are
     then computed from it instead of from the dequantized base. ``base`` may be the first file of a
     split model (``NAME-00001-of-0000N.gguf``); the output is one file. ``threads`` defaults to every

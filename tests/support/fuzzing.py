@@ -124,10 +124,10 @@ class Runner:
 
 
 def _child_env() -> dict[str, str]:
-    """This environment with the repository root first on ``PYTHONPATH``: a child runs ``-m tests.support.fuzzing``
-    from any directory."""
+    """This environment with the repository root first on ``PYTHONPATH``, and (Python 3.11+) no current directory
+    before it: a child runs ``-m tests.support.fuzzing`` of this checkout from any directory."""
     paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONSAFEPATH": "1"}
 
 
 def worker(root: Path) -> None:

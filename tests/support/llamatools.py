@@ -118,18 +118,27 @@ def cached(targets: tuple[str, ...] = tuple(TARGETS)) -> Path | None:
     return bindir
 
 
+def sdist(into: Path) -> Path:
+    """The pinned llama-cpp-python sdist in ``into``, downloaded there by pip unless it is there already."""
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if (into / name).is_file():
+        return into / name
+    into.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(into)]
+    proc = subprocess.run([*pip, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"], capture_output=True, text=True)
+    if proc.returncode != 0 or not (into / name).is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ToolsUnavailable(f"cannot download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist: {tail[0]}")
+    return into / name
+
+
 def _sdist(work: Path) -> Path:
     """The llama-cpp-python sdist: the tests' cached copy if there is one, else downloaded into ``work``."""
     name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-    for cache in (os.environ.get("ALIGNVEC_TEST_CACHE"), REPO / ".cache", work):
+    for cache in (os.environ.get("ALIGNVEC_TEST_CACHE"), REPO / ".cache"):
         if cache and (Path(cache) / name).is_file():
             return Path(cache) / name
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(work)]
-    proc = subprocess.run([*pip, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"], capture_output=True, text=True)
-    if proc.returncode != 0 or not (work / name).is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ToolsUnavailable(f"cannot download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist: {tail[0]}")
-    return work / name
+    return sdist(work)
 
 
 def _source(work: Path) -> Path:

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+from tests.support import llamatools
+from tests.support.llamatools import LLAMA_CPP_PYTHON_VERSION
+
 VOCAB = 320
 
 CORPUS = [
@@ -35,16 +37,7 @@ def llama_cpp_source(cache: Path) -> Path:
     src = root / "vendor" / "llama.cpp"
     if (src / "convert_hf_to_gguf.py").is_file():
         return src
-    cache.mkdir(parents=True, exist_ok=True)
-    sdist = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-    if not sdist.is_file():
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache)]
-            + [f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
-            check=True,
-            capture_output=True,
-        )
-    with tarfile.open(sdist) as tar:
+    with tarfile.open(llamatools.sdist(cache)) as tar:
         members = [
             m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and "/vendor/llama.cpp/ggml" not in m.name
         ]

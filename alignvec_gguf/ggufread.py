@@ -78,17 +78,27 @@ class _Shard:
 
     def __init__(self, path: Path, what: str):
         self.path = check_file(path, what)
+        self.what = what
         self.header: Header = check_gguf(path, what)
         self.kv: dict[str, KeyValue] = {kv.key: kv for kv in self.header.kv}
         self.map = np.memmap(path, dtype=np.uint8, mode="r")
-        if self.map.size < max((t.offset + t.nbytes for t in self.header.tensors), default=0):
-            raise FormatError(f"{what} {path} changed while it was being read; open it again once it is complete")
+        ends = [kv.end for kv in self.header.kv] + [t.offset + t.nbytes for t in self.header.tensors]
+        if self.map.size < max(ends, default=0):  # it shrank between the check and the map
+            raise self._changed()
+
+    def _changed(self) -> FormatError:
+        return FormatError(
+            f"{self.what} {self.path} changed while it was being read; open it again once it is complete"
+        )
 
     def value_types(self, kv: KeyValue) -> tuple[GGUFValueType, ...]:
         """``(type,)`` for a scalar or string, ``(ARRAY, item type)`` for an array (as gguf-py's ``types``)."""
         if kv.vtype != GGUFValueType.ARRAY:
             return (kv.vtype,)
-        return (kv.vtype, GGUFValueType(int(np.frombuffer(self.map, np.uint32, 1, kv.value_start)[0])))
+        try:
+            return (kv.vtype, GGUFValueType(int(np.frombuffer(self.map, np.uint32, 1, kv.value_start)[0])))
+        except ValueError:  # only if the file changed since the check
+            raise self._changed() from None
 
     def array_length(self, kv: KeyValue) -> int:
         return int(np.frombuffer(self.map, np.uint64, 1, kv.value_start + 4)[0])
@@ -97,7 +107,7 @@ class _Shard:
         try:
             return decode_value(self.map[kv.value_start : kv.end].data, kv.vtype)
         except (struct.error, UnicodeDecodeError, ValueError):  # only if the file changed since the check
-            raise FormatError(f"{self.path} changed while it was being read; open it again when complete") from None
+            raise self._changed() from None
 
 
 _TYPED = {QT.F32: np.float32, QT.F16: np.float16}

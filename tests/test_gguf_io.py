@@ -24,7 +24,8 @@ import pytest
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFReader, GGUFValueType
 from gguf import GGMLQuantizationType as QT
 
-from alignvec_gguf import export, live
+from alignvec_gguf import export, ggufread, live
+from alignvec_gguf.errors import FormatError
 from alignvec_gguf.ggufread import GGUFModel, open_file
 from alignvec_gguf.ggufwrite import (
     GGUFStreamWriter,
@@ -190,6 +191,36 @@ def test_the_reader_agrees_with_gguf_py(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         model.tensor("c")
     assert describe(path)["x.floats"] == "[40 items]" and describe(path)["x.flag"] is True
+
+
+def test_a_file_that_changes_while_read_is_a_format_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked, then changed: shrunk before the map, or a value rewritten after it; one line, naming the file."""
+    path = tmp_path / "moving.gguf"
+    with SpooledGGUFWriter(path, "llama") as w:
+        w.add_tensor("a", A)
+        w.add("x.text", "hello", GGUFValueType.STRING)
+        w.finish()
+    good = path.read_bytes()
+    model = open_file(path)
+    at = good.index(b"hello")
+    with open(path, "r+b") as f:  # the map sees it: same file, bytes changed in place
+        f.seek(at)
+        f.write(b"\xff\xfe")
+    with pytest.raises(FormatError, match=r"file .*moving.gguf changed while it was being read"):
+        model.field("x.text")
+
+    path.write_bytes(good)
+    real = ggufread.check_gguf
+
+    def check_then_shrink(p: Path, what: str) -> object:
+        header = real(p, what)
+        with open(p, "r+b") as f:
+            f.truncate(len(good) - 4)
+        return header
+
+    monkeypatch.setattr(ggufread, "check_gguf", check_then_shrink)
+    with pytest.raises(FormatError, match=r"alignment vector .*moving.gguf changed while it was being read"):
+        GGUFModel(path, "alignment vector", split=False)
 
 
 def test_values_refuses_block_types(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""A GGUF model that may be split over several files (``NAME-00001-of-0000N.gguf``), read as one.
+"""Reading GGUF files: one file, or a model split over several (``NAME-00001-of-0000N.gguf``) read as one.
 
 llama.cpp's ``gguf-split`` puts the model's metadata in the first shard, ``split.no`` / ``split.count``
 / ``split.tensors.count`` in every shard, and each tensor in exactly one shard. :class:`GGUFModel`

@@ -9,7 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,21 +86,22 @@ def _ready(ready: str | tuple[str, int]) -> bool:
 
 @contextmanager
 def process(
-    cmd: list[str], ready: str | tuple[str, int], log: Path, timeout: float = 120
+    cmd: Sequence[object], ready: str | tuple[str, int], log: Path, timeout: float = 120
 ) -> Iterator[subprocess.Popen]:
     """Start ``cmd`` (output to ``log``), wait until it is ready (``ready``: a URL that answers 200, or a
     (host, port) that accepts a connection), and stop it afterwards."""
     with open(log, "w") as out:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT)
+    name = Path(str(cmd[0])).name
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {tail(log)}")
+                raise AssertionError(f"{name} exited with {proc.returncode}: {tail(log)}")
             if _ready(ready):
                 break
             if time.monotonic() > deadline:
-                raise AssertionError(f"{Path(cmd[0]).name} not ready after {timeout:.0f} s: {tail(log)}")
+                raise AssertionError(f"{name} not ready after {timeout:.0f} s: {tail(log)}")
             time.sleep(0.2)
         yield proc
     finally:

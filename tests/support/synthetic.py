@@ -177,6 +177,17 @@ def _info(base: Path, name: str) -> Any:
     return AVInfo("llama", name, "benchmark vector", "bench", str(base), "random", signature(pairs), "")
 
 
+class _Metadata:
+    """gguf-py's ``GGUFWriter`` behind the ``add(key, value, vtype, item_type)`` of the AV writer's metadata
+    (``alignvec_gguf.avfile._put_info``), so that this two-pass writer puts exactly the AV format's keys."""
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+
+    def add(self, key: str, value: Any, vtype: Any, item_type: Any = None) -> None:
+        self.writer.add_key_value(key, value, vtype, item_type)
+
+
 def write_full_av(path: Path, base: Path, d: dict[str, int], *, seed: int = 1, dtype: str = "f16") -> None:
     """One full-rank vector on every tensor (Δ = 2% of the weights' std, tiled noise), streamed.
 
@@ -203,7 +214,7 @@ def write_full_av(path: Path, base: Path, d: dict[str, int], *, seed: int = 1, d
         content.update(delta.data)
     tmp = path.with_suffix(".tmp")
     w = GGUFWriter(tmp, "llama")
-    _put_info(w, _info(base, "bench"), "llama", "full", content)
+    _put_info(_Metadata(w), _info(base, "bench"), "llama", "full", content)  # type: ignore[arg-type]
     for name, shape in specs:
         w.add_tensor_info(name, shape, stored, int(np.prod(shape)) * stored.itemsize)
     w.write_header_to_file()

@@ -324,10 +324,10 @@ def requantize_gguf(  # noqa: ANN001
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     from alignvec_gguf import ggml
-    from tests.support.oracle import tensor_shape
+    from tests.support.oracle import field, tensor_shape
 
     reader = GGUFReader(src)
-    writer = GGUFWriter(out, reader.get_field("general.architecture").contents(), split_max_tensors=split_max_tensors)
+    writer = GGUFWriter(out, field(reader, "general.architecture"), split_max_tensors=split_max_tensors)
     for f in reader.fields.values():
         if f.name.startswith("GGUF.") or f.name == "general.architecture":
             continue

@@ -1,5 +1,8 @@
 """How much of the knob each requantization policy keeps, against the from-scratch anchor.
 
+Long module: one benchmark in three modes (the synthetic models, ``--types``, ``--model smollm2``) that
+share the models' construction, the anchor and the measurement, reported in one table and one JSON line.
+
 Builds tiny Llamas (transformers, random weights, hidden 256, as in the issue) whose aligned twin is the
 base plus a random full-rank Δ of --scale × mean |w| per tensor (default 2%), converts the base with
 llama.cpp's converter and quantizes it with llama.cpp's quantizer to Q4_K_M and Q8_0. For every policy,

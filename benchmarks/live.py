@@ -1,5 +1,8 @@
 """Live knobs against merged models: decode speed, the cost of turning the knob, and low-rank fidelity.
 
+Long module: one benchmark whose measurements share their models and servers (the live knob, the merged
+files, llama-server's LoRA and RPC anchors), and one JSON line built from all of them.
+
 Builds a tiny but K-quant-sized Llama (transformers, random weights; hidden 1024, 4 layers, every row
 a multiple of 256 so Q4_K really applies) and an aligned model whose Δ per matrix is rank 16 plus
 Gaussian noise (about 11% of ‖Δ‖²; norms move too), so that the rank of the low-rank form matters.

@@ -1,5 +1,7 @@
 """The paper's cost and transfer claims (arXiv 2410.19206), measured on the preference-spectrum models.
 
+Long module: the paper's claims share their models, prompts and timers, and report in one JSON line.
+
 ``--model tiny`` (default) needs the build of ``examples/preference_spectrum/build.py`` (its
 ``--build-dir``, default ``build/preference_spectrum``: ``stats.json``, ``base.Q4_K_M.gguf``,
 ``stage2.Q4_K_M.gguf``) and the domain AVs and held-out set bundled in ``alignvec_gguf/demo_data``.

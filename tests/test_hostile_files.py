@@ -1,5 +1,7 @@
 """Hostile GGUF models and alignment vectors: a typed error, one line and exit status 2, files untouched.
 
+Long module: a table of hostile files, a few lines a row, sharing the tiny seeds and the checks below.
+
 Each row builds one bad file (bytes written with struct, or a valid tiny file edited) and checks
 three things: the API raises the typed error (:class:`FormatError` for a broken file,
 :class:`CompatibilityError` where the file is sound but does not fit); ``alignvec inspect`` and
@@ -9,6 +11,7 @@ line on stderr, no traceback; the base is unchanged and no output (or temporary)
 The tiny base and vectors come from tests/support/fuzzseeds.py (the same seeds the fuzzer mutates). Rows
 already covered by tests/test_errors.py are not repeated: architecture, shapes, unknown tensor,
 signature, truncated vector, noise, a model given as vector, NaN in an F32 full-form vector.
+
 """
 
 from __future__ import annotations

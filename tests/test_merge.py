@@ -1,4 +1,8 @@
-"""The merge against its oracles: transformers logits, exact arithmetic, ggml's own requantization."""
+"""The merge against its oracles: transformers logits, exact arithmetic, ggml's own requantization.
+
+Long module: one specification of ``merge()`` over the session's tiny models and their quantized bases;
+each test is short and the helpers are few, so splitting it would spread one behaviour over files.
+"""
 
 from __future__ import annotations
 

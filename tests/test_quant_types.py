@@ -1,8 +1,12 @@
 """Every ggml type, the importance matrix and its fallback, stacked experts, split bases, the grid codecs.
 
+Long module: one section per subject of the line above, all over the same quantized fixtures, built once
+per module.
+
 Oracles: ggml's own dequantizer (the grid codecs must agree bit for bit), ggml's own quantization of the
 exact merged tensor (a merge's error may not exceed it), llama.cpp loading the merged file, and
 llama.cpp's imatrix formats as its quantize tool reads them.
+
 """
 
 from __future__ import annotations

@@ -84,14 +84,16 @@ def make_model(config, seed: int):  # noqa: ANN001, ANN201
 
 def perturbed(model, seed: int, scale: float = 0.05, untouched: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """A fine-tune stand-in: every tensor moved by scale·std(w)·noise, except names containing ``untouched``."""
+    return _moved(model, seed, untouched, lambda w, g: _nudged(w, scale, g))
+
+
+def _moved(model, seed: int, untouched: tuple[str, ...], move) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Every tensor of ``model`` through ``move(w, generator)`` in state-dict order (one seeded generator), except
+    names containing one of ``untouched``, which stay as they are."""
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, w in model.state_dict().items():
-        if any(u in name for u in untouched):
-            out[name] = w.clone()
-            continue
-        out[name] = _nudged(w, scale, g)
-    return out
+    return {
+        name: w.clone() if any(u in name for u in untouched) else move(w, g) for name, w in model.state_dict().items()
+    }
 
 
 def _nudged(w: torch.Tensor, scale: float, g: torch.Generator) -> torch.Tensor:
@@ -179,15 +181,10 @@ def lowrank_perturbed(  # noqa: ANN001 (model: a transformers model)
     ‖L‖_F = scale·‖W‖_F; N is Gaussian noise with ‖N‖_F ≈ noise·scale·‖W‖_F. 1-D tensors (norms) move
     by scale·std(w)·noise as in :func:`perturbed`, so the low-rank form has something to drop.
     """
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, w in model.state_dict().items():
-        if any(u in name for u in untouched):
-            out[name] = w.clone()
-            continue
+
+    def move(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if w.ndim != 2:
-            out[name] = _nudged(w, scale, g)
-            continue
+            return _nudged(w, scale, g)
         m, n = w.shape
         k = min(rank, m, n)
         u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
@@ -196,8 +193,9 @@ def lowrank_perturbed(  # noqa: ANN001 (model: a transformers model)
         low = (u * sigma) @ v.T
         low *= scale * float(w.norm()) / float(low.norm())
         noise_part = torch.randn(w.shape, generator=g) * (noise * scale * float(w.norm()) / (m * n) ** 0.5)
-        out[name] = w + low + noise_part
-    return out
+        return w + low + noise_part
+
+    return _moved(model, seed, untouched, move)
 
 
 # --- Other architectures, tied embeddings and a local Hugging Face cache (issue 4) ---

@@ -3,6 +3,10 @@
 Only what the merge needs: type traits, row sizes, dequantization (``to_float``) and quantization
 (``ggml_quantize_chunk``). Everything here works on numpy arrays of float32 rows and raw bytes.
 ggml aborts the process on a failed assertion, so every precondition is checked in Python first.
+
+Long module: every ggml symbol the project calls is bound here and nowhere else (as llama-cpp-python keeps
+its binding in ``llama_cpp.py``), so the checks that keep ggml's assertions from aborting sit next to the
+calls they guard.
 """
 
 from __future__ import annotations

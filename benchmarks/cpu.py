@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -46,32 +45,10 @@ TYPES = ("Q4_K_M", "Q4_0")
 
 
 def build(root: Path, size: str) -> dict[str, Path]:
-    """The F32 model and its quantizations (cached: built once per size)."""
-    import llama_cpp
+    """The F32 model's quantizations (cached: built once per size)."""
+    from tests.support.synthetic import SHAPES, drawn_quantized_bases
 
-    from alignvec_gguf import ggml
-    from tests.support.synthetic import SHAPES, write_float_base
-
-    root.mkdir(parents=True, exist_ok=True)
-    f32 = root / f"cpu-{size}-f32.gguf"
-    out = {}
-    for qtype in TYPES:
-        path = root / f"cpu-{size}-{qtype}.gguf"
-        if not path.exists():
-            if not f32.exists():
-                tmp = f32.with_suffix(".tmp")
-                write_float_base(tmp, SHAPES[SIZES[size]], dtype="f32", pooled=False)
-                os.replace(tmp, f32)
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
-            params.nthread = ggml.default_threads()
-            tmp = path.with_suffix(".tmp")
-            assert llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), params) == 0
-            os.replace(tmp, path)
-        out[qtype] = path
-    if f32.exists():
-        f32.unlink()  # only the quantized models are kept
-    return out
+    return drawn_quantized_bases(root, size, SHAPES[SIZES[size]], TYPES)
 
 
 def child(config: str, path: str) -> dict[str, Any]:

@@ -144,13 +144,13 @@ class Servers:
 
 
 def main(args: argparse.Namespace) -> None:
-    import cpu as cpu_bench  # benchmarks/cpu.py: the same cached TinyLlama-shaped Q4_K_M
-
     logging.basicConfig(level=logging.ERROR)
     threads: dict[str, Any] = {"n_threads": args.threads, "n_threads_batch": args.threads}
     root = Path(tempfile.mkdtemp(prefix="alignvec-live1b-"))
     t0 = time.perf_counter()
-    base = cpu_bench.build(Path(args.workdir), "1b")["Q4_K_M"]
+    # benchmarks/cpu.py's cached TinyLlama-shaped Q4_K_M (its Q4_0 made beside it)
+    bases = synthetic.drawn_quantized_bases(Path(args.workdir), "1b", synthetic.SHAPES["1b"], ("Q4_K_M", "Q4_0"))
+    base = bases["Q4_K_M"]
     models = Path(args.workdir) / "live-1b"  # the vectors and merges below are seeded: built once, kept
     models.mkdir(parents=True, exist_ok=True)
     dims = synthetic.SHAPES["1b"]

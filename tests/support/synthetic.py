@@ -291,3 +291,26 @@ def quantized_base(size: str, ftype: str, threads: int, root: Path | None = None
     if record.is_file() and not out.is_file():
         record.unlink()
     return out, cached(root, f"base-{ftype}", build)
+
+
+def drawn_quantized_bases(root: Path, label: str, d: dict[str, int], types: tuple[str, ...]) -> dict[str, Path]:
+    """The random Llama of benchmarks/merge.py (every value drawn, ``pooled=False``) with dimensions ``d``,
+    quantized by llama.cpp to each of ``types`` with every core, cached as ``root/cpu-<label>-<type>.gguf``
+    (benchmarks/cpu.py and live_1b.py share them); the F32 source is deleted once all are made."""
+    from alignvec_gguf import ggml
+
+    root.mkdir(parents=True, exist_ok=True)
+    f32 = root / f"cpu-{label}-f32.gguf"
+    out = {}
+    for qtype in types:
+        path = root / f"cpu-{label}-{qtype}.gguf"
+        if not path.exists():
+            if not f32.exists():
+                tmp = f32.with_suffix(".tmp")
+                write_float_base(tmp, d, dtype="f32", pooled=False)
+                os.replace(tmp, f32)
+            quantize(f32, path, qtype, ggml.default_threads())
+        out[qtype] = path
+    if f32.exists():
+        f32.unlink()  # only the quantized models are kept
+    return out

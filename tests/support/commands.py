@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from alignvec_gguf.cli import main
-
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
     """``alignvec ARGV...`` in this process: (exit status, what it wrote to stderr). What was captured before is
     dropped; an argparse usage error (``SystemExit``) counts as its status."""
+    from alignvec_gguf.cli import main  # here, so that conftest (which imports this module) stays light
+
     capsys.readouterr()
     try:
         rc = main([str(a) for a in argv])

@@ -160,14 +160,20 @@ class _Once(logging.Filter):
 
 
 @contextmanager
-def _quiet_repeats(logger_name: str) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
+def _quiet_repeats(package: str) -> Iterator[None]:
+    """Each distinct message of ``package``'s loggers once for the duration. A filter acts only on the logger a
+    record is made on, so it goes on each of them: the merge's warnings come from more than one module."""
+    loggers = [
+        logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.split(".")[0] == package
+    ]
     once = _Once()
-    logger.addFilter(once)
+    for logger in loggers:
+        logger.addFilter(once)
     try:
         yield
     finally:
-        logger.removeFilter(once)
+        for logger in loggers:
+            logger.removeFilter(once)
 
 
 def _llama(model_path: Path, n_ctx: int):  # noqa: ANN202
@@ -202,7 +208,7 @@ def quiet_merges() -> Iterator[None]:
     level = logger.level
     logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
     try:
-        with logging_redirect_tqdm(), _quiet_repeats("alignvec_gguf.merge"):
+        with logging_redirect_tqdm(), _quiet_repeats("alignvec_gguf"):
             yield
     finally:
         logger.setLevel(level)

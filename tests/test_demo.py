@@ -5,6 +5,7 @@ answers is printed between them."""
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -157,3 +158,18 @@ def test_format_answers_wraps_under_labels():
     assert lines[0] == "Question: q? Answer:"
     assert all(len(line) <= 60 for line in lines)
     assert "λ=0 base  (nothing)" in text and "λ=1 expert AV  Clinically, short." in text
+
+
+def test_quiet_merges_shows_each_warning_once_and_no_info(caplog):
+    """Every λ merges again and repeats the merge's warnings, from more than one of the package's modules."""
+    loggers = [logging.getLogger(name) for name in ("alignvec_gguf.merge", "alignvec_gguf.diagnose")]
+    caplog.set_level(logging.INFO)
+    with demo.quiet_merges():
+        for _ in range(3):
+            for logger in loggers:
+                logger.warning("%s: the knob moved little", logger.name)
+                logger.info("%s: merged", logger.name)
+    assert [r.getMessage() for r in caplog.records] == [f"{lg.name}: the knob moved little" for lg in loggers]
+    loggers[0].warning("after")  # the filter is gone afterwards
+    loggers[0].warning("after")
+    assert [r.getMessage() for r in caplog.records][-2:] == ["after", "after"]

@@ -1,6 +1,15 @@
-"""Support shared by the tests and the benchmarks (both import it as ``tests.support.<module>``; nothing imports
-``benchmarks/``): tiny and real models, llama.cpp's tools, loopback servers, the fuzz engine, the synthetic Llama
-shapes, and small helpers (file digests, CLI runners, the one-line-error assertion).
+"""Support shared by the tests and the benchmarks, both importing it as ``tests.support.<module>`` (the tests
+never import ``benchmarks/``):
+
+- ``tinymodels``: tiny transformers Llamas (and other architectures), their tokenizer, llama.cpp's converter
+  and quantizer on them; ``realmodels``: SmolLM2-135M-Instruct and its style fine-tune, cached;
+- ``llamatools``: llama.cpp's own tools built once from the pinned sdist; ``loopback``: servers on 127.0.0.1;
+- ``oracle``: gguf-py's reader, the independent oracle of what the package writes;
+- ``fuzzseeds``, ``mutations``, ``fuzzing``: the fuzz engine (seed files, mutations, targets and the command
+  behind ``benchmarks/fuzz.py``);
+- ``synthetic``: the random Llama shapes and files of the 1.1B/7B benchmarks; ``measure``: their timings;
+- ``commands`` (the in-process CLI runner, the one-line-error check), ``files`` (digests), ``childcode``
+  (code pasted into the crash tests' children).
 
 Only the standard library is imported here, so that ``from tests.support import REPO`` is cheap."""
 

@@ -7,7 +7,6 @@ entry in use within one process; these tests go through ``runtime.load`` and acr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from alignvec_gguf.atomic import file_lock
 from alignvec_gguf.cache import MergeCache
 from alignvec_gguf.merge import merge
 from tests.support.childcode import SLOW_WRITES
+from tests.support.files import sha256
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock semantics; Windows locks differ")
 
@@ -74,10 +74,6 @@ else:
     print(json.dumps({"path": str(cache.cached_merge(spec["base"], vectors, cache_dir=spec["cache"]))}))
 """
 )
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def start_children(specs: list[dict], tmp_path: Path) -> list[subprocess.Popen[str]]:

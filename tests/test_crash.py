@@ -13,7 +13,6 @@ this machine lets an unprivileged mount namespace mount one, a small tmpfs (ENOS
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,7 @@ import pytest
 from alignvec_gguf.cache import MergeCache
 from alignvec_gguf.merge import merge
 from tests.support.childcode import SLOW_WRITES
+from tests.support.files import sha256
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL, RLIMIT_FSIZE and /proc are Linux's")
 
@@ -65,10 +65,6 @@ from alignvec_gguf.cache import cached_merge
 print(cached_merge(spec["base"], {spec["av"]: spec["lam"]}, cache_dir=spec["cache"]))
 """
 )
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def child(spec: dict) -> subprocess.Popen[str]:

@@ -21,12 +21,12 @@ import pytest
 from alignvec_gguf.atomic import file_lock
 from alignvec_gguf.cache import MergeCache
 from alignvec_gguf.merge import merge
+from tests.support import REPO
 from tests.support.childcode import SLOW_WRITES
 from tests.support.files import sha256
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock semantics; Windows locks differ")
 
-REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 180.0
 TOKENS = [1, 5, 9, 42, 7, 100]
 

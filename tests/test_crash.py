@@ -30,12 +30,12 @@ import pytest
 
 from alignvec_gguf.cache import MergeCache
 from alignvec_gguf.merge import merge
+from tests.support import REPO
 from tests.support.childcode import SLOW_WRITES
 from tests.support.files import sha256
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL, RLIMIT_FSIZE and /proc are Linux's")
 
-REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 SLOW = 0.02  # seconds per tensor write in a slowed child: 21 tensors, so a write phase of at least 0.4 s
 TIMEOUT = 120.0

@@ -19,11 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support import REPO, fuzzseeds, mutations
 from tests.support import fuzzing as fuzz
-from tests.support import fuzzseeds, mutations
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 FUZZ = settings(
     max_examples=300,

@@ -23,10 +23,9 @@ from alignvec_gguf import AlignmentVector, FormatError, InputError
 from alignvec_gguf.cli import main
 from converters import convert
 from converters.hub import parse_hub_id, resolve
+from tests.support import REPO
 from tests.support import tinymodels as tm
 from tests.support.oracle import field
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def save_bf16_sharded(llama_pair, state: dict, path: Path) -> Path:

@@ -39,7 +39,7 @@ from .atomic import atomic_output
 from .diagnose import MergeReport, diagnose, float_fingerprint
 from .errors import InputError
 from .ggufread import SPLIT_KEYS, GGUFModel, ModelTensor
-from .ggufwrite import GGUFStreamWriter, TensorSlot, pack_kv
+from .ggufwrite import GGUFStreamWriter, TensorSlot, pack_kv, patch_header
 from .imatrix import Imatrix
 from .mix import VectorMix, Vectors
 from .plan import RELEASE_EVERY, MergePlan
@@ -68,17 +68,6 @@ def _merged_metadata(model: GGUFModel, extra: list[bytes]) -> tuple[int, bytes]:
 
 def _f32_in_flight(pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int, Kept]] | None]]) -> int:
     return sum(4 * t.n_elements for t, f in pending if f is not None)
-
-
-def _patch(path: Path, limit: int, replacements: dict[bytes, bytes]) -> None:
-    """Overwrite each placeholder (unique, found once in the first ``limit`` bytes) with its same-length value."""
-    with open(path, "r+b") as f:
-        head = f.read(limit)
-        for old, new in replacements.items():
-            at = head.find(old)
-            assert at >= 0 and len(old) == len(new) and head.find(old, at + 1) < 0, "header placeholder"
-            f.seek(at)
-            f.write(new)
 
 
 def merge(
@@ -211,7 +200,7 @@ def merge(
             pages.release(inputs)
         patches = {old.encode(): new.encode() for old, new in zip(placeholders, digests.result(), strict=True)}
         patches[kept_placeholder] = pack_kv(K_MERGED_KEPT, [report.kept_share, report.min_kept_share])
-        _patch(tmp, kv_end, patches)
+        patch_header(tmp, kv_end, patches)
 
     diagnose(plan, report, fingerprint)
     report.seconds = time.perf_counter() - start

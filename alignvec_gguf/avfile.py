@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFValueType
@@ -165,11 +165,20 @@ def _add_storage_tensor(writer: SpooledGGUFWriter, name: str, data: np.ndarray, 
     content.update(np.ascontiguousarray(stored).data)
 
 
-def _put_info(
-    writer: SpooledGGUFWriter, info: AVInfo | Callable[[], AVInfo], architecture: str, form: str, content: Any
+class MetadataSink(Protocol):
+    """Where :func:`put_metadata` puts the keys: :class:`SpooledGGUFWriter`, or any writer with its ``add``."""
+
+    def add(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None) -> None: ...
+
+
+def put_metadata(
+    writer: MetadataSink, info: AVInfo | Callable[[], AVInfo], architecture: str, form: str, content: Any
 ) -> None:
-    """The metadata of either form, ``info`` evaluated now if it is a callable; ``content`` is the sha256
-    that took every stored tensor's bytes."""
+    """Every metadata key of the AV format, for either form, through ``writer.add(key, value, vtype)``.
+
+    ``info`` is evaluated now if it is a callable; ``content`` is the sha256 that took every stored
+    tensor's bytes. Public for writers that stream an AV in another order (the benchmarks' 7B vector).
+    """
     if callable(info):
         info = info()
     if info.architecture != architecture:
@@ -221,7 +230,7 @@ def write_av(
                 continue
             _add_storage_tensor(writer, name, delta, dtype, content)
             written += 1
-        _put_info(writer, info, architecture, "full", content)
+        put_metadata(writer, info, architecture, "full", content)
         writer.finish()
     return written
 
@@ -274,7 +283,7 @@ def write_lowrank_av(
             written += 1
         if callable(stats):
             stats = stats()
-        _put_info(writer, info, architecture, "lora", content)
+        put_metadata(writer, info, architecture, "lora", content)
         f32, u32, arr = GGUFValueType.FLOAT32, GGUFValueType.UINT32, GGUFValueType.ARRAY
         writer.add(K_LORA_ALPHA, float(alpha), f32)
         writer.add(K_LORA_RANK, int(stats.rank), u32)

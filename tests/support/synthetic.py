@@ -179,7 +179,7 @@ def _info(base: Path, name: str) -> Any:
 
 class _Metadata:
     """gguf-py's ``GGUFWriter`` behind the ``add(key, value, vtype, item_type)`` of the AV writer's metadata
-    (``alignvec_gguf.avfile._put_info``), so that this two-pass writer puts exactly the AV format's keys."""
+    (``alignvec_gguf.avfile.put_metadata``), so that this two-pass writer puts exactly the AV format's keys."""
 
     def __init__(self, writer: Any):
         self.writer = writer
@@ -196,7 +196,7 @@ def write_full_av(path: Path, base: Path, d: dict[str, int], *, seed: int = 1, d
     passes over the (cheap) tiled values instead: the digest first, then the tensors."""
     from gguf import GGUFWriter
 
-    from alignvec_gguf.avfile import _put_info
+    from alignvec_gguf.avfile import put_metadata
 
     if dtype not in ("f16", "f32"):
         raise ValueError(dtype)
@@ -214,7 +214,7 @@ def write_full_av(path: Path, base: Path, d: dict[str, int], *, seed: int = 1, d
         content.update(delta.data)
     tmp = path.with_suffix(".tmp")
     w = GGUFWriter(tmp, "llama")
-    _put_info(_Metadata(w), _info(base, "bench"), "llama", "full", content)  # type: ignore[arg-type]
+    put_metadata(_Metadata(w), _info(base, "bench"), "llama", "full", content)
     for name, shape in specs:
         w.add_tensor_info(name, shape, stored, int(np.prod(shape)) * stored.itemsize)
     w.write_header_to_file()

@@ -26,6 +26,7 @@ from .policy import Policy
 from .requant import Rounding, requantize_on_grid, scratch, seed_for
 
 _KEPT_SAMPLE = 1 << 16  # elements (whole rows) per tensor on which the kept share is measured
+REGRID_CHUNK = 1 << 22  # elements per chunk when a tensor moves to a finer grid: 16 MB of float32, not the whole
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,30 @@ def kept_share(tensor: ModelTensor, data: np.ndarray, qtype: QT, requested: Call
     return Kept(dot, ref)
 
 
+def _regrid(raw: np.ndarray, t: ModelTensor, qtype: QT, imatrix: np.ndarray | None, threads: int) -> np.ndarray:
+    """The base tensor's values requantized to the finer ``qtype``, a few rows at a time.
+
+    ggml quantizes every row on its own, so chunks give the bytes of one whole call; the float32 copy of
+    the tensor (524 MB for a 7B's embedding) is never in memory at once. Stacked matrices with a
+    per-matrix importance matrix go whole: their rows map to the matrices by position.
+    """
+    n_per_row = t.shape[-1]
+    n_rows = t.n_elements // n_per_row
+    if imatrix is not None and imatrix.ndim > 1:
+        values = ggml.dequantize(raw, t.tensor_type, t.n_elements).reshape(n_rows, n_per_row)
+        return ggml.quantize(values, qtype, imatrix, threads=threads)
+    src_row, dst_row = ggml.row_size(t.tensor_type, n_per_row), ggml.row_size(qtype, n_per_row)
+    out = np.empty(n_rows * dst_row, dtype=np.uint8)
+    step = max(1, REGRID_CHUNK // n_per_row)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        values = ggml.dequantize(raw[r0 * src_row : r1 * src_row], t.tensor_type, (r1 - r0) * n_per_row)
+        out[r0 * dst_row : r1 * dst_row] = ggml.quantize(
+            values.reshape(r1 - r0, n_per_row), qtype, imatrix, threads=threads
+        )
+    return out
+
+
 def run_job(job: TensorJob) -> tuple[np.ndarray, int, Kept]:
     """The merged tensor's bytes, how many blocks a grid policy had to quantize afresh, and the share kept."""
     t = job.tensor
@@ -235,8 +260,7 @@ def run_job(job: TensorJob) -> tuple[np.ndarray, int, Kept]:
     raw = t.raw()
     threads = job.threads or ggml.default_threads()
     if job.qtype != t.tensor_type:  # regrid: the base's values on the finer type's grid, then the shift on it
-        values = ggml.dequantize(raw, t.tensor_type, t.n_elements).reshape(-1, t.shape[-1])
-        raw = ggml.quantize(values, job.qtype, job.imatrix, threads=threads)
+        raw = _regrid(raw, t, job.qtype, job.imatrix, threads)
     try:
         out, refresh = requantize_on_grid(
             raw,

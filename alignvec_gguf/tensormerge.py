@@ -96,8 +96,6 @@ def shift_source(job: TensorJob) -> Callable[[int, int], np.ndarray]:
     t = job.tensor
     # low-rank vectors are multiplied out here, once (the range function may run in several threads)
     whole = {i: av.delta(t.name).reshape(-1) for i, (av, _) in enumerate(job.parts) if av.lora is not None}
-    base_block = ggml.type_info(t.tensor_type).block_size
-    base_size = ggml.type_info(t.tensor_type).type_size
 
     def get(start: int, stop: int) -> np.ndarray:
         out = scratch("shift", stop - start, np.float32)  # reused per thread: the caller is done with the last
@@ -115,11 +113,8 @@ def shift_source(job: TensorJob) -> Callable[[int, int], np.ndarray]:
                 else:
                     out += part if lam == 1.0 else part * np.float32(lam)
             if job.full is not None:
-                full = job.full
-                fb, fs = ggml.type_info(full.tensor_type).block_size, ggml.type_info(full.tensor_type).type_size
-                out += ggml.dequantize(full.raw()[start // fb * fs : stop // fb * fs], full.tensor_type, stop - start)
-                raw = t.raw()[start // base_block * base_size : stop // base_block * base_size]
-                out -= ggml.dequantize(raw, t.tensor_type, stop - start)
+                out += _values(job.full, start, stop)
+                out -= _values(t, start, stop)
         _check_finite(out, t.name, "the change Σ λ·Δ")
         return out
 
@@ -214,7 +209,7 @@ def kept_share(tensor: ModelTensor, data: np.ndarray, qtype: QT, requested: Call
     return Kept(dot, ref)
 
 
-def _regrid(raw: np.ndarray, t: ModelTensor, qtype: QT, imatrix: np.ndarray | None, threads: int) -> np.ndarray:
+def _regrid(t: ModelTensor, qtype: QT, imatrix: np.ndarray | None, threads: int) -> np.ndarray:
     """The base tensor's values requantized to the finer ``qtype``, a few rows at a time.
 
     ggml quantizes every row on its own, so chunks give the bytes of one whole call; the float32 copy of
@@ -223,18 +218,13 @@ def _regrid(raw: np.ndarray, t: ModelTensor, qtype: QT, imatrix: np.ndarray | No
     """
     n_per_row = t.shape[-1]
     n_rows = t.n_elements // n_per_row
-    if imatrix is not None and imatrix.ndim > 1:
-        values = ggml.dequantize(raw, t.tensor_type, t.n_elements).reshape(n_rows, n_per_row)
-        return ggml.quantize(values, qtype, imatrix, threads=threads)
-    src_row, dst_row = ggml.row_size(t.tensor_type, n_per_row), ggml.row_size(qtype, n_per_row)
+    step = n_rows if imatrix is not None and imatrix.ndim > 1 else max(1, REGRID_CHUNK // n_per_row)
+    dst_row = ggml.row_size(qtype, n_per_row)
     out = np.empty(n_rows * dst_row, dtype=np.uint8)
-    step = max(1, REGRID_CHUNK // n_per_row)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        values = ggml.dequantize(raw[r0 * src_row : r1 * src_row], t.tensor_type, (r1 - r0) * n_per_row)
-        out[r0 * dst_row : r1 * dst_row] = ggml.quantize(
-            values.reshape(r1 - r0, n_per_row), qtype, imatrix, threads=threads
-        )
+        values = _values(t, r0 * n_per_row, r1 * n_per_row).reshape(r1 - r0, n_per_row)
+        out[r0 * dst_row : r1 * dst_row] = ggml.quantize(values, qtype, imatrix, threads=threads)
     return out
 
 
@@ -260,7 +250,7 @@ def run_job(job: TensorJob) -> tuple[np.ndarray, int, Kept]:
     raw = t.raw()
     threads = job.threads or ggml.default_threads()
     if job.qtype != t.tensor_type:  # regrid: the base's values on the finer type's grid, then the shift on it
-        raw = _regrid(raw, t, job.qtype, job.imatrix, threads)
+        raw = _regrid(t, job.qtype, job.imatrix, threads)
     try:
         out, refresh = requantize_on_grid(
             raw,

@@ -475,5 +475,5 @@ def test_regrid_in_chunks_gives_the_bytes_of_one_whole_call(quantized_bases, mon
     values = ggml.dequantize(t.raw(), t.tensor_type, t.n_elements).reshape(-1, t.shape[-1])
     whole = ggml.quantize(values, QT.Q8_0)
     monkeypatch.setattr(tensormerge, "REGRID_CHUNK", 3 * t.shape[-1])  # three rows a chunk, the last one short
-    chunked = tensormerge._regrid(t.raw(), t, QT.Q8_0, None, threads=2)
+    chunked = tensormerge._regrid(t, QT.Q8_0, None, threads=2)
     assert chunked.dtype == np.uint8 and np.array_equal(chunked, whole)

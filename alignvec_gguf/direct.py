@@ -122,9 +122,7 @@ def load_direct(
 
         llama_kwargs.setdefault("verbose", False)
         # the CPU guard places weights by the types llama.cpp will see: the plan's, not the base file's
-        types = [
-            (t.name, plan.jobs[t.name].qtype if t.name in plan.jobs else t.tensor_type, t.info.ne) for t in plan.model
-        ]
+        types = [(t.name, plan.qtype(t.name), t.info.ne) for t in plan.model]
         allow_amx = llama_kwargs.pop("allow_amx", None)
         buffers = cpu.plan(plan.base, allow_amx=allow_amx, tensors=types)
         try:

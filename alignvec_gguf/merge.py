@@ -132,7 +132,7 @@ def merge(
     n_kv, kv = _merged_metadata(model, extra)
     slots = []
     for t in model.tensors:
-        qtype = jobs[t.name].qtype if t.name in jobs else t.tensor_type
+        qtype = plan.qtype(t.name)
         nbytes = ggml.row_size(qtype, t.shape[-1]) * (t.n_elements // t.shape[-1])
         slots.append(TensorSlot(t.name, t.shape, qtype, nbytes))
     alignment = int(model.field("general.alignment", GGUF_DEFAULT_ALIGNMENT))  # a UINT32 (ggufheader)

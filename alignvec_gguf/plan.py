@@ -156,4 +156,4 @@ class MergePlan:
     def qtype(self, name: str) -> QT:
         """The type tensor ``name`` is written as."""
         job = self.jobs.get(name)
-        return job.qtype if job is not None else next(t.tensor_type for t in self.model.tensors if t.name == name)
+        return job.qtype if job is not None else self.model.tensor(name).tensor_type

@@ -3,4 +3,4 @@ module that records it (the AV producer, the cache key, the Modelfile, the serve
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

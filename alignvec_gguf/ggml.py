@@ -126,6 +126,11 @@ def _cpu_lib() -> ctypes.CDLL | None:
         for fn in ("ggml_cpu_fp16_to_fp32", "ggml_cpu_bf16_to_fp32", "ggml_cpu_fp32_to_fp16", "ggml_cpu_fp32_to_bf16"):
             getattr(cpu, fn).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
             getattr(cpu, fn).restype = None
+        try:  # the SIMD Q8_0 row quantizer llama.cpp runs on activations (quantize(..., exact=False))
+            cpu.quantize_row_q8_0.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            cpu.quantize_row_q8_0.restype = None
+        except AttributeError:
+            pass
     except (OSError, AttributeError):
         return None
     cpu.ggml_cpu_init()  # fills the conversion tables the scalar tails use
@@ -249,6 +254,8 @@ def quantize(
     imatrix: np.ndarray | None = None,
     *,
     threads: int | None = None,
+    exact: bool = True,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Quantize a 2-D float32 array (rows x n_per_row) with ggml; returns the raw bytes as uint8.
 
@@ -256,6 +263,13 @@ def quantize(
     ``(n_matrices, n_per_row)`` for stacked matrices (MoE experts), whose rows are then split evenly
     between the matrices. Row blocks run in parallel threads (ctypes releases the GIL); the result is
     byte-identical to a single call because ggml quantizes every row independently.
+
+    ``exact=False`` lets Q8_0 without an importance matrix go through the CPU backend's SIMD row quantizer
+    (the one llama.cpp runs on activations), 10-25x faster than the file quantizer ``ggml_quantize_chunk``
+    (scalar ``roundf``): it rounds ties to even and computes the inverse scale as ``127 / max``, so about
+    2 elements in a million land one step apart (on random weights); the default keeps the file
+    quantizer's bytes exactly. ``out``, if given, is a contiguous uint8 array of the result's size that
+    receives the bytes (a slice of a larger buffer: no copy).
     """
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if rows.ndim != 2:
@@ -278,17 +292,23 @@ def quantize(
             raise ValueError(f"imatrix must be (n_matrices, {n_per_row}) dividing {nrows} rows, got {imatrix.shape}")
         if not np.all(np.isfinite(imatrix)):
             raise CompatibilityError("the importance matrix has NaN or infinite values")
-    if qtype in _FAST_FROM_F32 and imatrix is None:
-        out = np.empty(rows.size * 2, dtype=np.uint8)
-        if _convert(_FAST_FROM_F32[qtype], rows, 4, out, 2, rows.size):
-            return out
+    rsize = row_size(qtype, n_per_row)
+    if out is None:
+        out = np.empty(nrows * rsize, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.size != nrows * rsize or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous uint8 array of {nrows * rsize} bytes")
+    if qtype in _FAST_FROM_F32 and imatrix is None and _convert(_FAST_FROM_F32[qtype], rows, 4, out, 2, rows.size):
+        return out
     lib = _lib()
     lib.ggml_quantize_init(int(qtype))  # not thread-safe to race on first use: initialize once up front
-    rsize = row_size(qtype, n_per_row)
-    out = np.empty(nrows * rsize, dtype=np.uint8)
     per_mat = nrows // n_mat
+    cpu = _cpu_lib() if not exact and qtype == QT.Q8_0 and imatrix is None else None
+    simd = getattr(cpu, "quantize_row_q8_0", None)
 
     def run(r0: int, r1: int) -> None:
+        if simd is not None:
+            simd(rows.ctypes.data + r0 * n_per_row * 4, out.ctypes.data + r0 * rsize, (r1 - r0) * n_per_row)
+            return
         imat_ptr = None if imatrix is None else imatrix[r0 // per_mat].ctypes.data
         n = lib.ggml_quantize_chunk(
             int(qtype), rows.ctypes.data, out.ctypes.data, r0 * n_per_row, r1 - r0, n_per_row, imat_ptr

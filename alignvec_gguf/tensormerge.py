@@ -153,8 +153,8 @@ def _fresh_blocks(job: TensorJob) -> Callable[[np.ndarray, np.ndarray, np.ndarra
 
     def fresh(index: np.ndarray, blocks: np.ndarray, shift: np.ndarray) -> np.ndarray:
         target = ggml.dequantize(blocks, qtype, index.size * bsize).reshape(-1, bsize) + shift
-        if job.imatrix is None:
-            return ggml.quantize(target, qtype, threads=1).reshape(-1, info.type_size)
+        if job.imatrix is None:  # on a grid of our own (regrid) ggml's SIMD Q8_0 quantizer is as good (ggml.quantize)
+            return ggml.quantize(target, qtype, threads=1, exact=not job.regrid).reshape(-1, info.type_size)
         out = np.empty((index.size, info.type_size), dtype=np.uint8)
         per_row = t.shape[-1] // bsize
         rows_per_mat = (t.n_elements // t.shape[-1]) // job.imatrix.shape[0]
@@ -212,6 +212,8 @@ def kept_share(tensor: ModelTensor, data: np.ndarray, qtype: QT, requested: Call
 def _regrid(t: ModelTensor, qtype: QT, imatrix: np.ndarray | None, threads: int) -> np.ndarray:
     """The base tensor's values requantized to the finer ``qtype``, a few rows at a time.
 
+    The grid is ggml's round-to-nearest of those values (``exact=False``: on Q8_0 the CPU backend's SIMD
+    quantizer, which differs from the file quantizer on rounding ties only; the change is dithered on it next).
     ggml quantizes every row on its own, so chunks give the bytes of one whole call; the float32 copy of
     the tensor (524 MB for a 7B's embedding) is never in memory at once. Stacked matrices with a
     per-matrix importance matrix go whole: their rows map to the matrices by position.
@@ -221,10 +223,16 @@ def _regrid(t: ModelTensor, qtype: QT, imatrix: np.ndarray | None, threads: int)
     step = n_rows if imatrix is not None and imatrix.ndim > 1 else max(1, REGRID_CHUNK // n_per_row)
     dst_row = ggml.row_size(qtype, n_per_row)
     out = np.empty(n_rows * dst_row, dtype=np.uint8)
+    src = ggml.type_info(t.tensor_type)
+    raw = t.raw()
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        values = _values(t, r0 * n_per_row, r1 * n_per_row).reshape(r1 - r0, n_per_row)
-        out[r0 * dst_row : r1 * dst_row] = ggml.quantize(values, qtype, imatrix, threads=threads)
+        n = (r1 - r0) * n_per_row
+        part = raw[r0 * n_per_row // src.block_size * src.type_size : r1 * n_per_row // src.block_size * src.type_size]
+        values = ggml.dequantize(part, t.tensor_type, n, out=scratch("regrid", n, np.float32))
+        # the intermediate grid, not a file's bytes: Q8_0 may take the CPU backend's SIMD quantizer
+        dst = out[r0 * dst_row : r1 * dst_row]
+        ggml.quantize(values.reshape(r1 - r0, n_per_row), qtype, imatrix, threads=threads, exact=False, out=dst)
     return out
 
 
@@ -249,7 +257,8 @@ def run_job(job: TensorJob) -> tuple[np.ndarray, int, Kept]:
     shift = shift_source(job)
     raw = t.raw()
     threads = job.threads or ggml.default_threads()
-    if job.qtype != t.tensor_type:  # regrid: the base's values on the finer type's grid, then the shift on it
+    regrid = job.qtype != t.tensor_type
+    if regrid:  # the base's values on the finer type's grid (our own copy: the shift is rounded on it in place)
         raw = _regrid(t, job.qtype, job.imatrix, threads)
     try:
         out, refresh = requantize_on_grid(
@@ -261,6 +270,7 @@ def run_job(job: TensorJob) -> tuple[np.ndarray, int, Kept]:
             threads,
             noise_budget=job.policy.noise_budget,
             refresh_fn=_fresh_blocks(job),
+            in_place=regrid,
         )
     except FormatError as e:
         raise FormatError(f"base model tensor {t.name}: {e}") from e

@@ -45,6 +45,25 @@ def test_threaded_quantize_is_byte_identical_to_one_call():
     assert np.array_equal(whole, parts)
 
 
+def test_inexact_q8_0_differs_from_the_file_quantizer_only_on_rounding_ties():
+    """exact=False (the CPU backend's SIMD Q8_0 rows): the same scales, and a code one step off only where
+    a value sits on a rounding tie (ties to even, inverse scale 127/max): a handful per million, never more."""
+    rows = (0.02 * np.random.default_rng(2).standard_normal((1024, 2048))).astype(np.float32)
+    rows[0, :32] = 0.5  # one block of scale 1 (max 127) holding exact halves: ties, which the two round apart
+    rows[0, 0], rows[0, 1:4] = 127.0, (2.5, -3.5, 4.5)
+    exact = ggml.quantize(rows, QT.Q8_0)
+    fast = ggml.quantize(rows, QT.Q8_0, exact=False, threads=2)
+    blocks, fblocks = exact.reshape(-1, 34), fast.reshape(-1, 34)
+    assert np.array_equal(blocks[:, :2], fblocks[:, :2])  # every block's scale
+    step = np.abs(blocks[:, 2:].view(np.int8).astype(np.int16) - fblocks[:, 2:].view(np.int8))
+    assert step.max() == 1 and 0 < np.count_nonzero(step) <= 1e-5 * rows.size + 32
+    out = np.empty_like(fast)
+    assert ggml.quantize(rows, QT.Q8_0, exact=False, out=out) is out and np.array_equal(out, fast)
+    assert np.array_equal(ggml.quantize(rows[:3], QT.Q4_K, exact=False), ggml.quantize(rows[:3], QT.Q4_K))
+    with pytest.raises(ValueError, match="contiguous uint8"):
+        ggml.quantize(rows, QT.Q8_0, out=np.empty(10, np.uint8))
+
+
 def test_preconditions_are_checked_before_ggml_asserts():
     rows = np.zeros((2, 100), dtype=np.float32)
     with pytest.raises(CompatibilityError, match="multiple of 256"):

@@ -383,6 +383,14 @@ def test_grid_requantization_from_a_chunked_source_equals_the_whole_array(qtype)
         chunked = requant.requantize_on_grid(raw, qtype, source, rounding, seed=3)
         assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
     assert len({b - a for a, b in calls}) > 1  # both sampled runs and chunks came from the source
+    # in place (the merge's regridded copy of a tensor): the same bytes, written over the input
+    for rounding in ("nearest", "dither"):
+        copy = raw.copy()
+        whole = requant.requantize_on_grid(raw, qtype, shift, rounding, seed=3)
+        inplace = requant.requantize_on_grid(copy, qtype, source, rounding, seed=3, in_place=True)
+        assert np.shares_memory(inplace[0], copy) and np.array_equal(whole[0], inplace[0])
+    with pytest.raises(ValueError, match="writable"):
+        requant.requantize_on_grid(np.frombuffer(raw.tobytes(), np.uint8), qtype, shift, in_place=True)
 
 
 def test_vector_ranges_equal_the_whole_delta(llama_pair):

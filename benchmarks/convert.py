@@ -12,8 +12,9 @@ in the page cache:
 - ``alignvec convert BASE ALIGNED -o OUT --dtype D`` (this package);
 - mergekit's task-arithmetic merge of the same pair (``mergekit-yaml``, weight 1, bf16 out), in its own
   virtual environment: --mergekit-python, $MERGEKIT_PYTHON or /work/mergekit-venv if given or present,
-  else one created on first use under ~/.cache/alignvec/mergekit-venv (``pip install mergekit==0.1.5``,
-  never into this project's venv) and kept; one line says so where that is impossible.
+  else one created on first use under ~/.cache/alignvec/mergekit-venv (``pip install mergekit==0.1.5
+  torch==2.13.0``, the CPU build this project pins; never into this project's venv) and kept; one line
+  says so where that is impossible.
 
 Each process is sampled every 10 ms for ``RssAnon`` (anonymous memory: file-backed pages of
 memory-mapped inputs are reclaimable and do not count) and for ``VmHWM`` (the kernel's high-water mark of
@@ -45,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 MERGEKIT_VENV = Path("/work/mergekit-venv")
 MERGEKIT_CACHED = Path.home() / ".cache" / "alignvec" / "mergekit-venv"
 MERGEKIT_VERSION = "0.1.5"
+TORCH_PIN = "torch==2.13.0"  # pyproject.toml's [convert] pin
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, layers=22, num_attention_heads=32, num_key_value_heads=4),
     "7b": dict(hidden_size=4096, intermediate_size=14336, layers=32, num_attention_heads=32, num_key_value_heads=8),
@@ -256,7 +258,8 @@ def ensure_mergekit(option: str | None) -> tuple[Path | None, str]:
     shutil.rmtree(venv, ignore_errors=True)
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"mergekit=={MERGEKIT_VERSION}"],
+        # torch pinned as this project pins it (its CPU build): mergekit's "torch>=2.0.0" would take a CUDA one
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"mergekit=={MERGEKIT_VERSION}", TORCH_PIN],
     ]
     print(f"creating mergekit's own venv at {venv} (once; minutes)", file=sys.stderr, flush=True)
     for step in steps:

@@ -11,8 +11,9 @@ under ~/.cache/alignvec/bench). Three random rank-32 vectors on every block matr
                                     the merged model decodes with the base's kernels); tokens per CPU
                                     second of this process (``_wall``: by the wall clock)
   live_by_storage                   the same three AVs with their factors stored F32, F16 and Q8_0, and
-                                    folded into one rank-96 adapter (B scaled by each λ): what a cheaper
-                                    live path could gain
+                                    folded into one rank-96 adapter (B scaled by each λ; F32 and Q8_0):
+                                    what a cheaper live path could gain
+  live_one_by_storage               the one AV with its factors stored F32 and Q8_0
   llamacpp_lora_tokens_per_s_vs_merged  {"1": ..., "3": ...}: llama.cpp's own path, llama-server with the
                                     same adapters (``--lora ... --lora-init-without-apply``, per-request
                                     ``"lora"`` scales) over llama-server on the merged files, tokens
@@ -67,8 +68,9 @@ def read_pairs(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {n: (tensors[n + ".lora_a"], tensors[n + ".lora_b"]) for n in names}
 
 
-def write_folded(out: Path, avs: list[Path], lambdas: tuple[float, ...], base: Path) -> None:
-    """Several rank-r AVs as one adapter of the summed rank, each B block scaled by its λ (scale 1 = the mix)."""
+def write_folded(out: Path, avs: list[Path], lambdas: tuple[float, ...], base: Path, dtype: str = "f32") -> None:
+    """Several rank-r AVs as one adapter of the summed rank, each B block scaled by its λ (scale 1 = the mix),
+    its factors stored as ``dtype``."""
     from alignvec_gguf.avfile import LoraStats, write_lowrank_av
 
     pairs = [read_pairs(p) for p in avs]
@@ -80,7 +82,8 @@ def write_folded(out: Path, avs: list[Path], lambdas: tuple[float, ...], base: P
             yield name, a, b
 
     rank = RANK * len(avs)
-    write_lowrank_av(out, "llama", factors(), synthetic._info(base, "folded"), LoraStats(rank, 0, 0), alpha=rank)
+    info, stats = synthetic._info(base, "folded"), LoraStats(rank, 0, 0)
+    write_lowrank_av(out, "llama", factors(), info, stats, alpha=rank, dtype=dtype)
 
 
 class Servers:
@@ -158,9 +161,10 @@ def main(args: argparse.Namespace) -> None:
     for dtype, paths in avs.items():
         if not all(p.is_file() for p in paths):
             synthetic.write_lowrank_avs(paths, base, dims, rank=RANK, dtype=dtype)
-    folded = models / "folded.avec.gguf"
-    if not folded.is_file():
-        write_folded(folded, avs["f32"], LAMBDAS, base)
+    folded = {dtype: models / f"folded-{dtype}.avec.gguf" for dtype in ("f32", "q8_0")}
+    for dtype, path in folded.items():
+        if not path.is_file():
+            write_folded(path, avs["f32"], LAMBDAS, base, dtype)
     one, three = avs["f32"][:1], avs["f32"]
     mix1: dict[Any, float] = {one[0]: LAMBDAS[0]}
     mix3: dict[Any, float] = dict(zip(three, LAMBDAS, strict=True))
@@ -177,10 +181,12 @@ def main(args: argparse.Namespace) -> None:
     alignment3 = dict(zip(names3, LAMBDAS, strict=True))
     lives: dict[str, tuple[LiveModel, dict[str, float]]] = {
         "live1": (LiveModel(base, {"v1": one[0]}, n_ctx=512, **threads), {"v1": LAMBDAS[0]}),
+        "live1_q8_0": (LiveModel(base, {"v1": avs["q8_0"][0]}, n_ctx=512, **threads), {"v1": LAMBDAS[0]}),
         "live3": (LiveModel(base, dict(zip(names3, three, strict=True)), n_ctx=512, **threads), alignment3),
         "live3_f16": (LiveModel(base, dict(zip(names3, avs["f16"], strict=True)), n_ctx=512, **threads), alignment3),
         "live3_q8_0": (LiveModel(base, dict(zip(names3, avs["q8_0"], strict=True)), n_ctx=512, **threads), alignment3),
-        "live3_folded": (LiveModel(base, {"mix": folded}, n_ctx=512, **threads), {"mix": 1.0}),
+        "live3_folded": (LiveModel(base, {"mix": folded["f32"]}, n_ctx=512, **threads), {"mix": 1.0}),
+        "live3_folded_q8_0": (LiveModel(base, {"mix": folded["q8_0"]}, n_ctx=512, **threads), {"mix": 1.0}),
     }
     plain = {
         "merged1": new_llama(str(merged1), n_ctx=512, verbose=False, **threads),
@@ -221,12 +227,14 @@ def main(args: argparse.Namespace) -> None:
     ratio_wall = {"1": best_wall["live1"] / best_wall["merged1"], "3": best_wall["live3"] / best_wall["merged3"]}
     by_storage = {k.removeprefix("live3_"): best[k] / best["merged3"] for k in lives if k.startswith("live3_")}
     by_storage["f32"] = ratio["3"]
+    one_by_storage = {"f32": ratio["1"], "q8_0": best["live1_q8_0"] / best["merged1"]}
     print(
         f"decode tokens per CPU second: live, one AV {best['live1']:.1f} against merged {best['merged1']:.1f} "
         f"(x{ratio['1']:.3f}); three AVs {best['live3']:.1f} against {best['merged3']:.1f} (x{ratio['3']:.3f}); "
         f"wall clock x{ratio_wall['1']:.3f} / x{ratio_wall['3']:.3f}"
     )
     print("three AVs by storage, against merged: " + ", ".join(f"{k} x{v:.3f}" for k, v in by_storage.items()))
+    print("one AV by storage, against merged: " + ", ".join(f"{k} x{v:.3f}" for k, v in one_by_storage.items()))
     anchor: dict[str, Any] = {"status": server_note}
     if servers is not None:
         bs = {k: max(c for c, _ in v) for k, v in server_speeds.items()}
@@ -298,6 +306,7 @@ def main(args: argparse.Namespace) -> None:
         "live_tokens_per_s_vs_merged_wall": {k: round(v, 4) for k, v in ratio_wall.items()},
         "llamacpp_lora_tokens_per_s_vs_merged": anchor,
         "live_by_storage_vs_merged": {k: round(v, 4) for k, v in by_storage.items()},
+        "live_one_by_storage_vs_merged": {k: round(v, 4) for k, v in one_by_storage.items()},
         "tokens_per_s": {k: round(v, 1) for k, v in best.items()},
         "tokens_per_s_wall": {k: round(v, 1) for k, v in best_wall.items()},
         "knob_switch_ms": {k: round(v, 1) for k, v in switch.items()},

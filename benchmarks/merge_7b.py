@@ -17,7 +17,9 @@ wall time, CPU time of all the child's threads, peak RSS from VmHWM):
 - ``peak_rss_mb`` of the default merge, against ``base_size_mb`` and the largest tensor in f32;
 - ``cached_load_vs_plain``: ``alignvec_gguf.load`` on a cache hit over ``Llama(model_path=merged file)``;
 - ``tokens_per_s_vs_base``: decode speed of the merged model over the base's, one thread, tokens per CPU
-  second (``DECODE_TOKENS_7B`` single-token evals after an 8-token prompt, best of two, two rounds).
+  second (``DECODE_TOKENS_7B`` single-token evals after an 8-token prompt, best of two, two rounds);
+  ``tokens_per_s_vs_base_dither`` and ``merge_s_dither``: the same for ``merge()`` under ``dither``, which
+  keeps the base's types (the default moves the tensors it cannot dither within budget to Q8_0).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from tests.support import measure, synthetic  # noqa: E402
 MERGE = Path(__file__).with_name("merge.py")  # its --child tasks: the measurements, each in a fresh process
 
 DECODE_TOKENS_7B = 16
+# a policy that keeps the base's types (dithering on its own scales): decode speed without the default's Q8_0 move
+SAME_SIZE_POLICY = "dither"
 
 
 def run_child(task: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +78,7 @@ def main(args: argparse.Namespace, size: str = "7b") -> None:
     lam = 1.0
     mix = {"base": str(base), "av": str(av), "lam": lam}
     cache = root / "cache"
-    hifi_out = root / "merged-hifi.gguf"
+    hifi_out, same_out = root / "merged-hifi.gguf", root / f"merged-{SAME_SIZE_POLICY}.gguf"
     out: dict[str, Any] = {"model": f"{size} ({dims})", "params": record["params"], "threads": threads}
     try:
         shutil.rmtree(cache, ignore_errors=True)
@@ -98,6 +102,14 @@ def main(args: argparse.Namespace, size: str = "7b") -> None:
         hifi = run_child("merge", {**mix, "out": str(hifi_out), "requant": "hifi"})
         hifi_size = hifi_out.stat().st_size / 2**20
         hifi_out.unlink()
+        # the same merge engine under a same-size policy: what decode costs when the base's types are kept
+        same = run_child("merge", {**mix, "out": str(same_out), "requant": SAME_SIZE_POLICY})
+        same_tps, same_base_tps = [], []
+        for _ in range(2):
+            same_base_tps.append(run_child("speed", {**spec, "path": str(base)})["tokens_per_s"])
+            same_tps.append(run_child("speed", {**spec, "path": str(same_out)})["tokens_per_s"])
+        same_out.unlink()
+        stps, sbtps = max(same_tps), max(same_base_tps)
         rows.append(("digests", f"the inputs' content digests, once per file (remembered): {digest['seconds']:.1f}s"))
         rows.append(
             (
@@ -117,6 +129,13 @@ def main(args: argparse.Namespace, size: str = "7b") -> None:
             )
         rows.append(("load", f"cached load() {hit:.2f}s vs plain Llama() {plain:.2f}s (x{hit / plain:.2f})"))
         rows.append(("tokens/s", f"base {btps:.2f}, merged {mtps:.2f} (x{mtps / btps:.3f}), per CPU second, 1 thread"))
+        rows.append(
+            (
+                SAME_SIZE_POLICY,
+                f"merge {same['seconds']:.1f}s wall, {same['cpu_seconds']:.1f}s CPU; decode base {sbtps:.2f}, "
+                f"merged {stps:.2f} (x{stps / sbtps:.3f}): the base's types kept",
+            )
+        )
         out.update(
             {
                 "merge_s_default": round(default["seconds"], 1),
@@ -143,12 +162,15 @@ def main(args: argparse.Namespace, size: str = "7b") -> None:
                 "tokens_per_s_vs_base": round(mtps / btps, 3),
                 "base_tokens_per_s": round(btps, 2),
                 "merged_tokens_per_s": round(mtps, 2),
+                f"merge_s_{SAME_SIZE_POLICY}": round(same["seconds"], 1),
+                f"tokens_per_s_vs_base_{SAME_SIZE_POLICY}": round(stps / sbtps, 3),
                 "default_policy": DEFAULT_POLICY,
                 "load_average": round(os.getloadavg()[0], 2),
             }
         )
     finally:
         hifi_out.unlink(missing_ok=True)
+        same_out.unlink(missing_ok=True)
         shutil.rmtree(cache, ignore_errors=True)
         if args.clean:
             shutil.rmtree(root, ignore_errors=True)

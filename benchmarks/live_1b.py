@@ -11,15 +11,16 @@ under ~/.cache/alignvec/bench). Three random rank-32 vectors on every block matr
                                     the merged model decodes with the base's kernels); tokens per CPU
                                     second of this process (``_wall``: by the wall clock)
   live_by_storage                   the same three AVs with their factors stored F32, F16 and Q8_0, and
-                                    folded into one rank-96 adapter (B scaled by each λ; F32 and Q8_0):
-                                    what a cheaper live path could gain
+                                    ``LiveModel(fold=True)`` (one rank-96 adapter, B scaled by each λ) on
+                                    the F32 and the Q8_0 files
   live_one_by_storage               the one AV with its factors stored F32 and Q8_0
   llamacpp_lora_tokens_per_s_vs_merged  {"1": ..., "3": ...}: llama.cpp's own path, llama-server with the
                                     same adapters (``--lora ... --lora-init-without-apply``, per-request
                                     ``"lora"`` scales) over llama-server on the merged files, tokens
                                     per CPU second of the server process (a request for n + 1 tokens
                                     less one for 1 token: n decode steps); ``wall``: by its own timings
-  knob_switch_ms                    a request at a new λ (prompt, 1 token): live with one and three AVs,
+  knob_switch_ms                    a request at a new λ (prompt, 1 token): live with one and three AVs
+                                    (and three folded, Q8_0, which rebuilds its adapter),
                                     llama-server with its adapter, loading the merged model from the
                                     cache, merging it first (default policy); and the same request at an
                                     unchanged λ (the floor all of them share)
@@ -40,8 +41,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
@@ -56,34 +55,6 @@ from tests.support.measure import timed, tokens_per_s  # noqa: E402  (benchmarks
 RANK = 32
 LAMBDAS = (1.0, 0.5, -0.5)
 PROMPT = "the patient reports a persistent headache and"
-
-
-def read_pairs(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The (A, B) factors of a low-rank AV as stored (A: (r, n_in), B: (n_out, r); block matrices only)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
-    names = sorted({n.removesuffix(".lora_a") for n in tensors if n.endswith(".lora_a")})
-    return {n: (tensors[n + ".lora_a"], tensors[n + ".lora_b"]) for n in names}
-
-
-def write_folded(out: Path, avs: list[Path], lambdas: tuple[float, ...], base: Path, dtype: str = "f32") -> None:
-    """Several rank-r AVs as one adapter of the summed rank, each B block scaled by its λ (scale 1 = the mix),
-    its factors stored as ``dtype``."""
-    from alignvec_gguf.avfile import LoraStats, write_lowrank_av
-
-    pairs = [read_pairs(p) for p in avs]
-
-    def factors() -> Any:
-        for name in pairs[0]:
-            a = np.concatenate([p[name][0] for p in pairs], axis=0)
-            b = np.concatenate([lam * p[name][1] for p, lam in zip(pairs, lambdas, strict=True)], axis=1)
-            yield name, a, b
-
-    rank = RANK * len(avs)
-    info, stats = synthetic._info(base, "folded"), LoraStats(rank, 0, 0)
-    write_lowrank_av(out, "llama", factors(), info, stats, alpha=rank, dtype=dtype)
 
 
 class Servers:
@@ -161,10 +132,6 @@ def main(args: argparse.Namespace) -> None:
     for dtype, paths in avs.items():
         if not all(p.is_file() for p in paths):
             synthetic.write_lowrank_avs(paths, base, dims, rank=RANK, dtype=dtype)
-    folded = {dtype: models / f"folded-{dtype}.avec.gguf" for dtype in ("f32", "q8_0")}
-    for dtype, path in folded.items():
-        if not path.is_file():
-            write_folded(path, avs["f32"], LAMBDAS, base, dtype)
     one, three = avs["f32"][:1], avs["f32"]
     mix1: dict[Any, float] = {one[0]: LAMBDAS[0]}
     mix3: dict[Any, float] = dict(zip(three, LAMBDAS, strict=True))
@@ -185,8 +152,14 @@ def main(args: argparse.Namespace) -> None:
         "live3": (LiveModel(base, dict(zip(names3, three, strict=True)), n_ctx=512, **threads), alignment3),
         "live3_f16": (LiveModel(base, dict(zip(names3, avs["f16"], strict=True)), n_ctx=512, **threads), alignment3),
         "live3_q8_0": (LiveModel(base, dict(zip(names3, avs["q8_0"], strict=True)), n_ctx=512, **threads), alignment3),
-        "live3_folded": (LiveModel(base, {"mix": folded["f32"]}, n_ctx=512, **threads), {"mix": 1.0}),
-        "live3_folded_q8_0": (LiveModel(base, {"mix": folded["q8_0"]}, n_ctx=512, **threads), {"mix": 1.0}),
+        "live3_fold": (
+            LiveModel(base, dict(zip(names3, three, strict=True)), n_ctx=512, fold=True, **threads),
+            alignment3,
+        ),
+        "live3_fold_q8_0": (
+            LiveModel(base, dict(zip(names3, avs["q8_0"], strict=True)), n_ctx=512, fold=True, **threads),
+            alignment3,
+        ),
     }
     plain = {
         "merged1": new_llama(str(merged1), n_ctx=512, verbose=False, **threads),
@@ -272,6 +245,14 @@ def main(args: argparse.Namespace) -> None:
             llm.reset()  # the KV cache dropped, λ unchanged
             llm.create_completion(PROMPT, max_tokens=1, temperature=0.0)
 
+    live3_fold, _ = lives["live3_fold_q8_0"]
+    it = iter(new)
+    switch["live_3_fold_q8_0"] = timed(
+        lambda: live3_fold.generate(
+            PROMPT, alignment=dict(zip(names3, (next(it), 0.5, -0.5), strict=True)), max_tokens=1
+        ),
+        args.repeats,
+    )
     switch["same_lambda_live"] = timed(same_lambda, args.repeats)
     for live, _ in lives.values():
         live.close()

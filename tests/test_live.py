@@ -131,6 +131,46 @@ def test_adapter_type_gives_the_merge_of_factors_stored_in_that_type(llama_pair,
         LiveModel(llama_pair.base_gguf, [lowrank_pair.lowrank_av], adapter_type="q4_k")
 
 
+def test_folded_knobs_are_the_merge_of_the_mix_and_follow_every_change(llama_pair, lowrank_pair, tmp_path):
+    """fold=True: the vectors at their λ as one adapter of the summed rank, rebuilt when a λ changes. The logits
+    are the merged model's (the float32 sums run in another order), for one knob, both, and back to none."""
+    tokens = [1, 5, 17, 42, 99, 200, 7, 3]
+    kwargs = {"n_ctx": 64, "n_threads_batch": 1, "logits_all": True}
+    vectors = {"medical": lowrank_pair.lowrank_av, "legal": lowrank_pair.second_av}
+
+    def scores(llm: Llama) -> np.ndarray:
+        llm.reset()
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+    mixes = [{"medical": 0.7, "legal": -1.5}, {"medical": 1.5}, {"medical": 1.5, "legal": 0.5}, {}]
+    with LiveModel(llama_pair.base_gguf, vectors, fold=True, **kwargs) as live:
+        assert live._adapters is None  # no adapter per vector: only the folded one
+        got = []
+        for alignment in mixes:
+            with live.using(alignment) as llm:
+                got.append(scores(llm))
+        assert live._folded is None  # every λ at 0: no adapter left in llama.cpp
+    base = new_llama(llama_pair.base_gguf, verbose=False, **kwargs)
+    want_base = scores(base)
+    base.close()
+    for alignment, logits in zip(mixes, got, strict=True):
+        mix = {vectors[name]: lam for name, lam in alignment.items()}
+        if not mix:
+            assert np.array_equal(logits, want_base)
+            continue
+        merged = new_llama(merge(llama_pair.base_gguf, mix, tmp_path / "m.gguf").path, verbose=False, **kwargs)
+        want = scores(merged)
+        merged.close()
+        assert np.abs(want - want_base).max() > 0.05 * np.abs(want).max()  # the knobs move the logits
+        assert np.abs(logits - want).max() <= 1e-3 * np.abs(want).max(), alignment
+    with LiveModel(llama_pair.base_gguf, vectors, fold=True, n_ctx=128, n_threads_batch=1) as live:
+        # greedy answers as the unfolded live model gives them (which equal merged models: tests above)
+        assert live.generate(PROMPTS[0], alignment=mixes[0], max_tokens=N_TOKENS) == merged_outputs(
+            llama_pair.base_gguf, {vectors[k]: v for k, v in mixes[0].items()}, tmp_path
+        )[0]
+
+
 def test_concurrent_threads_are_serialized_and_each_gets_its_lambda(live):
     lambdas = [1.5, -1.0, 0.5, 0.0, -2.0, 1.0]
     sequential = {lam: live.generate(PROMPTS[0], alignment={"medical": lam}, max_tokens=12) for lam in lambdas}

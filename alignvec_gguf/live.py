@@ -150,9 +150,9 @@ class LiveModel:
 
     ``fold=True`` hands llama.cpp the vectors whose λ is not 0 as one adapter of their summed rank, each
     vector's B scaled by its λ, rebuilt whenever a λ changes: one pair of products per weight instead of
-    one per vector. With three rank-32 Q8_0 vectors on a 1.1B Q4_K_M base it decoded 6% faster than three
-    adapters, and a new λ costs a rebuild of the adapter (``benchmarks/live.py --size 1b``: README, 'At
-    1.1B'); the live model is the same merge (the sums run in another order).
+    one per vector. With three rank-32 Q8_0 vectors on a 1.1B Q4_K_M base it decoded 6-11% faster than three
+    adapters, and a new λ cost about a second more, the rebuild (``benchmarks/live.py --size 1b``: README,
+    'At 1.1B'); the live model is the same merge (the sums run in another order).
 
     >>> live = LiveModel("base.Q4_K_M.gguf", {"medical": "medical.r32.avec.gguf"}, n_ctx=2048)
     >>> live.generate("My knee hurts.", alignment={"medical": 1.0}, max_tokens=64)

@@ -180,11 +180,11 @@ def _sample_rows(n_rows: int, n_per_row: int) -> list[tuple[int, int]]:
     return [(int(s), int(s) + length) for s in starts]
 
 
-def _values(tensor: ModelTensor, start: int, stop: int) -> np.ndarray:
-    """Elements ``start:stop`` (block-aligned) of a tensor, dequantized to float32."""
+def _values(tensor: ModelTensor, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Elements ``start:stop`` (block-aligned) of a tensor, dequantized to float32 (into ``out`` if given)."""
     info = ggml.type_info(tensor.tensor_type)
     raw = tensor.raw()[start // info.block_size * info.type_size : stop // info.block_size * info.type_size]
-    return ggml.dequantize(raw, tensor.tensor_type, stop - start)
+    return ggml.dequantize(raw, tensor.tensor_type, stop - start, out=out)
 
 
 def kept_share(tensor: ModelTensor, data: np.ndarray, qtype: QT, requested: Callable[[int, int], np.ndarray]) -> Kept:
@@ -223,13 +223,10 @@ def _regrid(t: ModelTensor, qtype: QT, imatrix: np.ndarray | None, threads: int)
     step = n_rows if imatrix is not None and imatrix.ndim > 1 else max(1, REGRID_CHUNK // n_per_row)
     dst_row = ggml.row_size(qtype, n_per_row)
     out = np.empty(n_rows * dst_row, dtype=np.uint8)
-    src = ggml.type_info(t.tensor_type)
-    raw = t.raw()
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         n = (r1 - r0) * n_per_row
-        part = raw[r0 * n_per_row // src.block_size * src.type_size : r1 * n_per_row // src.block_size * src.type_size]
-        values = ggml.dequantize(part, t.tensor_type, n, out=scratch("regrid", n, np.float32))
+        values = _values(t, r0 * n_per_row, r1 * n_per_row, out=scratch("regrid", n, np.float32))
         # the intermediate grid, not a file's bytes: Q8_0 may take the CPU backend's SIMD quantizer
         dst = out[r0 * dst_row : r1 * dst_row]
         ggml.quantize(values.reshape(r1 - r0, n_per_row), qtype, imatrix, threads=threads, exact=False, out=dst)

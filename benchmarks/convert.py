@@ -42,11 +42,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests.support
+
+from tests.support import REPO, pin  # noqa: E402
+
 MERGEKIT_VENV = Path("/work/mergekit-venv")
 MERGEKIT_CACHED = Path.home() / ".cache" / "alignvec" / "mergekit-venv"
 MERGEKIT_VERSION = "0.1.5"
-TORCH_PIN = "torch==2.13.0"  # pyproject.toml's [convert] pin
+TORCH_PIN = f"torch=={pin('torch')}"  # pyproject.toml's [convert] pin: its CPU build
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, layers=22, num_attention_heads=32, num_key_value_heads=4),
     "7b": dict(hidden_size=4096, intermediate_size=14336, layers=32, num_attention_heads=32, num_key_value_heads=8),

@@ -166,9 +166,10 @@ def test_folded_knobs_are_the_merge_of_the_mix_and_follow_every_change(llama_pai
         assert np.abs(logits - want).max() <= 1e-3 * np.abs(want).max(), alignment
     with LiveModel(llama_pair.base_gguf, vectors, fold=True, n_ctx=128, n_threads_batch=1) as live:
         # greedy answers as the unfolded live model gives them (which equal merged models: tests above)
-        assert live.generate(PROMPTS[0], alignment=mixes[0], max_tokens=N_TOKENS) == merged_outputs(
-            llama_pair.base_gguf, {vectors[k]: v for k, v in mixes[0].items()}, tmp_path
-        )[0]
+        assert (
+            live.generate(PROMPTS[0], alignment=mixes[0], max_tokens=N_TOKENS)
+            == merged_outputs(llama_pair.base_gguf, {vectors[k]: v for k, v in mixes[0].items()}, tmp_path)[0]
+        )
 
 
 def test_concurrent_threads_are_serialized_and_each_gets_its_lambda(live):

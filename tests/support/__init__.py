@@ -9,7 +9,7 @@ never import ``benchmarks/``):
   behind ``benchmarks/fuzz.py``);
 - ``synthetic``: the random Llama shapes and files of the 1.1B/7B benchmarks; ``measure``: their timings;
 - ``commands`` (the in-process CLI runner, the one-line-error check), ``files`` (digests), ``childcode``
-  (code pasted into the crash tests' children).
+  (code pasted into the crash tests' children); :func:`pin`: a version ``pyproject.toml`` pins.
 
 Only the standard library is imported here, so that ``from tests.support import REPO`` is cheap."""
 
@@ -19,3 +19,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 """The repository root (the checkout holding ``alignvec_gguf/``, ``tests/`` and ``benchmarks/``)."""
+
+
+def pin(package: str) -> str:
+    """The version ``pyproject.toml`` pins ``package`` to (a ``"name==version"`` or ``"name[extra]==version"``
+    requirement), so that the tools and venvs built beside the project take the same one. Read as text: the
+    project supports Python 3.10, which has no ``tomllib``."""
+    import re
+
+    text = (REPO / "pyproject.toml").read_text()
+    match = re.search(rf'"{re.escape(package)}(?:\[[^\]"]*\])?==([^"\s;,]+)"', text)
+    if match is None:
+        raise LookupError(f"pyproject.toml pins no {package}==...")
+    return match.group(1)

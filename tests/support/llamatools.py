@@ -30,11 +30,11 @@ import tarfile
 import time
 from pathlib import Path
 
-from tests.support import REPO
+from tests.support import REPO, pin
 
 log = logging.getLogger(__name__)
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the pin in pyproject.toml; the sdist holds llama.cpp's source
+LLAMA_CPP_PYTHON_VERSION = pin("llama-cpp-python")  # pyproject.toml's pin; its sdist holds llama.cpp's source
 # cmake target -> the executable's file name (the RPC server is called ggml-rpc-server in this llama.cpp)
 TARGETS = {
     "llama-server": "llama-server",

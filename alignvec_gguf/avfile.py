@@ -438,6 +438,10 @@ class AlignmentVector:
             return (a[0], b[0])
         return (*a[:-2], b[-2], a[-1])
 
+    def stored(self, name: str) -> list[ModelTensor]:
+        """The file's tensors that hold ``name``'s delta: one in the full form, the A/B pair in the low-rank one."""
+        return list(self._pairs[name]) if self.lora is not None else [self._tensors[name]]
+
     def storage_type(self, name: str) -> QT:
         if self.lora is None:
             return self._tensors[name].tensor_type

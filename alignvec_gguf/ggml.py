@@ -146,7 +146,10 @@ def _convert(fn_name: str, src: np.ndarray, s_item: int, dst: np.ndarray, d_item
     if cpu is None:
         return False
     fn = getattr(cpu, fn_name)
-    slices = np.linspace(0, n, min(_threads(), max(1, n >> 22)) + 1, dtype=np.int64)
+    if n < 2 << 22:  # one slice (a merge's chunks): no thread pool, and no Python work that holds the GIL
+        fn(src.ctypes.data, dst.ctypes.data, n)
+        return True
+    slices = np.linspace(0, n, min(_threads(), n >> 22) + 1, dtype=np.int64)
 
     def run(i: int) -> None:
         a, b = int(slices[i]), int(slices[i + 1])
@@ -317,8 +320,8 @@ def quantize(
 
     n_threads = min(threads or _threads(), max(1, nrows // 16))
     # chunks never cross a matrix boundary, so each gets one matrix's importance vector
-    chunks: list[tuple[int, int]] = []
-    for m in range(n_mat):
+    chunks: list[tuple[int, int]] = [(0, nrows)] if n_threads == 1 and n_mat == 1 else []
+    for m in range(n_mat if not chunks else 0):
         bounds = np.linspace(m * per_mat, (m + 1) * per_mat, max(1, n_threads // n_mat) + 1, dtype=np.int64)
         chunks += [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     if n_threads == 1 or len(chunks) == 1:

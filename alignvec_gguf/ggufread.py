@@ -20,11 +20,13 @@ whether the file changed between the header check and the memory map, is checked
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +138,7 @@ class ModelTensor:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.info.ne))
+        return math.prod(self.info.ne)
 
     @property
     def n_bytes(self) -> int:
@@ -148,7 +150,11 @@ class ModelTensor:
         return self.info.offset
 
     def raw(self) -> np.ndarray:
-        """The stored bytes (a uint8 view of the shard's memory map, no copy)."""
+        """The stored bytes (a uint8 view of the shard's memory map, no copy; made once, then reused)."""
+        return self._raw
+
+    @cached_property
+    def _raw(self) -> np.ndarray:
         return self.map[self.info.offset : self.info.offset + self.info.nbytes]
 
     def values(self) -> np.ndarray:

@@ -13,7 +13,9 @@ the warnings are decided by ``diagnose.py``.
 Speed and memory: touched tensors are computed in a pipeline of one worker per core plus one (ctypes
 and numpy release the GIL), each tensor on one core except the few big ones (embeddings, output),
 which use every core so that they do not hold up the rest; results are written in order, and the
-float32 tensors in flight never exceed 1.5 × the largest one.
+jobs in flight never hold more than 1.5 × the largest tensor in float32 (a job rounding on a grid holds its
+output and a few chunks; one calling ggml's quantizer the whole tensor in float32 as well). Written tensors'
+buffers are reused (``tensormerge.Buffers``).
 Pages of the memory-mapped inputs are dropped from the resident set as the merge moves on
 (``pages.py``), so peak RSS stays near the base plus a few tensors, whatever the model size.
 """
@@ -42,9 +44,9 @@ from .ggufread import SPLIT_KEYS, GGUFModel, ModelTensor
 from .ggufwrite import GGUFStreamWriter, TensorSlot, pack_kv, patch_header
 from .imatrix import Imatrix
 from .mix import VectorMix, Vectors
-from .plan import RELEASE_EVERY, MergePlan
+from .plan import MergePlan
 from .policy import DEFAULT_POLICY
-from .tensormerge import Kept, run_job
+from .tensormerge import Buffers, Kept, TensorJob, on_grid, run_job
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,16 @@ def _merged_metadata(model: GGUFModel, extra: list[bytes]) -> tuple[int, bytes]:
     return n + len(extra), raw + b"".join(extra)
 
 
-def _f32_in_flight(pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int, Kept]] | None]]) -> int:
-    return sum(4 * t.n_elements for t, f in pending if f is not None)
+def _working_set(job: TensorJob, out_bytes: int) -> int:
+    """The memory a job holds while in flight: its output, and the whole float32 tensor unless it is rounded
+    on a grid (which works a chunk at a time)."""
+    return out_bytes + (0 if on_grid(job) else 4 * job.tensor.n_elements)
+
+
+def _read_views(job: TensorJob) -> list[np.ndarray]:
+    """The input bytes a touched tensor's merge reads: the base's tensor, each vector's, the full base's."""
+    views = [job.tensor.raw(), *(st.raw() for av, _ in job.parts for st in av.stored(job.tensor.name))]
+    return views + ([job.full.raw()] if job.full is not None else [])
 
 
 def merge(
@@ -144,54 +154,59 @@ def merge(
                 del kv
                 total = sum(t.n_bytes for t in model.tensors)
                 bar = tqdm(total=total, desc="merging", unit="B", unit_scale=True, disable=not progress, delay=1.0)
-                streamed = 0
-                pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int, Kept]] | None]] = deque()
+                # (tensor, its job's future or None for a copy, the job's working set in bytes), in file order
+                pending: deque[tuple[ModelTensor, Future[tuple[np.ndarray, int, Kept]] | None, int]] = deque()
 
                 def write_head() -> None:
-                    nonlocal streamed
-                    t, fut = pending.popleft()
+                    t, fut, _ = pending.popleft()
                     if fut is None:
                         writer.write_tensor(t.raw())
                         report.copied += 1
+                        pages.release_views([t.raw()])
                     else:
                         data, refreshed, report.kept[t.name] = fut.result()
                         writer.write_tensor(data)
+                        buffers.give(data)
                         report.touched[t.name] = (t.tensor_type, jobs[t.name].qtype)
                         report.refreshed_blocks += refreshed
+                        pages.release_views(_read_views(jobs[t.name]))  # never read again
                     bar.update(t.n_bytes)
-                    streamed += t.n_bytes + (t.n_elements * 4 if fut is not None else 0)
-                    if streamed >= RELEASE_EVERY:
-                        pages.release(inputs)
-                        streamed = 0
 
-                largest = max((4 * j.tensor.n_elements for j in jobs.values()), default=0)
+                largest = max((4 * j.tensor.n_elements for j in jobs.values()), default=0)  # in float32
                 touched = sum(j.tensor.n_elements for j in jobs.values())
+                big_at = BIG_TENSOR_SHARE * touched
                 cores = threads or ggml.default_threads()
                 workers = cores + 1 if cores > 1 else 1
-                budget = largest + largest // 2  # float32 bytes of touched tensors in flight
+                budget = largest + largest // 2  # bytes of the jobs in flight (_working_set)
+                sizes = {slot.name: slot.nbytes for slot in slots}
+                # written tensors' bytes are reused by the next of the same size: up to one per worker of each
+                # size idle, but not the few big tensors'
+                regular = [sizes[name] for name, j in jobs.items() if j.tensor.n_elements < big_at]
+                buffers = Buffers(workers, max(regular, default=0))
                 with ThreadPoolExecutor(workers, thread_name_prefix="alignvec-merge") as pool:
                     try:
                         for t in model.tensors:
                             if fingerprint is not None:
                                 fingerprint.add(t.name, ggml.dequantize(t.raw(), t.tensor_type, t.n_elements))
                             job = jobs.get(t.name)
-                            if job is not None:  # memory: two of the largest tensors are never in flight at once
-                                while pending and _f32_in_flight(pending) + 4 * t.n_elements > budget:
+                            if job is None:
+                                pending.append((t, None, 0))
+                            else:  # memory: the jobs in flight never hold more than the budget
+                                need = _working_set(job, sizes[t.name])
+                                while pending and sum(m for _, _, m in pending) + need > budget:
                                     write_head()
-                            if job is not None:
-                                big = job.tensor.n_elements >= BIG_TENSOR_SHARE * touched
-                                job = replace(job, threads=cores if big else 1)
-                            pending.append((t, pool.submit(run_job, job) if job is not None else None))
+                                job = replace(job, threads=cores if job.tensor.n_elements >= big_at else 1)
+                                pending.append((t, pool.submit(run_job, job, buffers), need))
                             while pending and (
                                 pending[0][1] is None
                                 or pending[0][1].done()
-                                or sum(f is not None for _, f in pending) > workers
+                                or sum(f is not None for _, f, _ in pending) > workers
                             ):
                                 write_head()
                         while pending:
                             write_head()
                     finally:
-                        for _, fut in pending:
+                        for _, fut, _ in pending:
                             if fut is not None:
                                 fut.cancel()
                         bar.close()

@@ -12,14 +12,18 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import sys
 from collections.abc import Iterable
 from functools import cache
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 _MADV_DONTNEED = 4
+_PAGE = 4096 if not hasattr(os, "sysconf") else os.sysconf("SC_PAGE_SIZE")
 
 
 @cache
@@ -59,4 +63,36 @@ def release(paths: Iterable[str | os.PathLike[str]]) -> int:
             advised += hi - lo
         else:  # pragma: no cover - madvise on our own read-only mapping does not fail
             log.debug("madvise failed on %s: errno %d", parts[5].strip(), ctypes.get_errno())
+    return advised
+
+
+def _file_mapped(view: np.ndarray) -> bool:
+    """Whether ``view`` lies in a memory map of a file (on anonymous memory, MADV_DONTNEED would zero data)."""
+    base: object = view
+    while isinstance(base, np.ndarray):
+        if isinstance(base, np.memmap):
+            return True
+        base = base.base
+    return isinstance(base, mmap.mmap)
+
+
+def release_views(views: Iterable[np.ndarray]) -> int:
+    """Drop this process's resident pages under each read-only memory-mapped view (the whole pages inside it).
+
+    What a merge has finished reading (a written tensor's bytes in the base and in each vector) goes at
+    once: no walk over whole files, and the pages other threads are reading stay mapped (but for the rest
+    of a huge page the kernel mapped whole, which faults back in from the page cache). Writable arrays and
+    arrays that are not a file's map are never touched. Returns the bytes advised.
+    """
+    libc = _libc()
+    if libc is None:
+        return 0
+    advised = 0
+    for view in views:
+        if view.flags.writeable or not view.nbytes or not _file_mapped(view):
+            continue
+        start = view.ctypes.data
+        lo, hi = -(-start // _PAGE) * _PAGE, (start + view.nbytes) // _PAGE * _PAGE
+        if hi > lo and libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
+            advised += hi - lo
     return advised

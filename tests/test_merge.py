@@ -394,6 +394,52 @@ def test_the_plan_leaves_no_pages_of_its_inputs_resident(llama_pair, quantized_b
     assert resident <= 64 << 10, f"{resident} bytes of the inputs still resident after planning"
 
 
+def test_a_merged_tensors_input_pages_go_and_no_other_memory(tmp_path):
+    """The merge drops each written tensor's input pages (pages.release_views): only in file maps."""
+    from alignvec_gguf import pages
+
+    if not pages._libc():
+        pytest.skip("no libc madvise here")
+    path = tmp_path / "inputs.bin"
+    path.write_bytes(np.arange(1 << 20, dtype=np.uint32).tobytes())  # 4 MB
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    assert int(mapped.sum(dtype=np.uint64)) > 0  # every page resident
+    before = _resident(path)
+    middle = mapped[1_000_001:3_000_001]  # not page-aligned: only the whole pages inside it go
+    advised = pages.release_views([middle])
+    assert advised == (3_000_001 // 4096 - -(-1_000_001 // 4096)) * 4096
+    # (a file page mapped whole as a huge page goes whole: it faults back in from the page cache)
+    assert before - _resident(path) >= advised
+    assert np.array_equal(mapped.view(np.uint32), np.arange(1 << 20, dtype=np.uint32))  # read again from the file
+    # memory that is not a file's map would lose its data to MADV_DONTNEED: such views are never advised
+    anonymous = np.arange(1 << 20, dtype=np.uint32)
+    anonymous.flags.writeable = False
+    from_bytes = np.frombuffer(anonymous.tobytes(), dtype=np.uint32)
+    writable = np.memmap(path, dtype=np.uint8, mode="r+")
+    assert pages.release_views([anonymous, from_bytes, writable, mapped[:0]]) == 0
+    assert np.array_equal(anonymous, from_bytes) and int(anonymous[-1]) == (1 << 20) - 1
+
+
+def test_written_tensors_buffers_are_reused_by_size_within_their_limits():
+    from alignvec_gguf.tensormerge import Buffers
+
+    buffers = Buffers(keep=1, largest=1000)
+    a = buffers.take(800)
+    buffers.give(a.reshape(8, 100)[:, :50])  # any view of it hands the whole buffer back
+    assert buffers.take(800) is a
+    buffers.give(np.empty(800, dtype=np.uint8))  # not one of ours: ignored
+    b = buffers.take(800)
+    assert b is not a
+    buffers.give(a)
+    buffers.give(b)  # one of each size waits at most
+    assert buffers.take(800) is a and buffers.take(800) is not b
+    big = buffers.take(2000)
+    buffers.give(big)  # beyond `largest`: freed, not kept
+    assert buffers.take(2000) is not big
+    buffers.give(a)
+    assert buffers.take(400) is not a  # only the same size is reused
+
+
 def test_merge_never_writes_over_its_inputs(llama_pair, quantized_bases, tmp_path):
     import shutil
 

@@ -276,6 +276,7 @@ def requantize_on_grid(
     noise_budget: float | None = None,
     refresh_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
     in_place: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Add ``shift`` (float32, one value per element, or a function of an element range) to a quantized
     tensor on its own grid; a function is called once per chunk of blocks, in order.
@@ -288,7 +289,8 @@ def requantize_on_grid(
     step is zero cannot move. ``refresh_fn(block indices, their raw blocks, their shift rows)``, if given,
     returns those blocks quantized afresh; it is called chunk by chunk, while the shift is at hand.
     ``in_place`` writes the new bytes over ``raw`` (a writable array the caller owns, such as the merge's
-    regridded copy of a tensor) instead of a new array of the tensor's size.
+    regridded copy of a tensor) instead of a new array of the tensor's size; ``out`` (a writable uint8 array
+    of ``raw``'s size) receives them otherwise, if given.
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
@@ -301,7 +303,12 @@ def requantize_on_grid(
     threshold = _sample_threshold(codec, blocks, shift, noise_budget) if rounding is Rounding.CALIBRATED else 0.5
     if in_place and not blocks.flags.writeable:
         raise ValueError("in_place needs a writable array")
-    out = blocks if in_place else np.empty_like(blocks)
+    if out is not None and (in_place or out.dtype != np.uint8 or out.nbytes != blocks.nbytes):
+        raise ValueError(f"out must be a uint8 array of {blocks.nbytes} bytes, and not with in_place")
+    if in_place:
+        out = blocks
+    else:
+        out = np.empty_like(blocks) if out is None else out.reshape(blocks.shape)
     refresh = np.zeros(blocks.shape[0], dtype=bool)
     step_blocks = max(1, _CHUNK_ELEMENTS // codec.block_size)
 

@@ -285,8 +285,8 @@ def on_grid(job: TensorJob) -> bool:
 def run_job(job: TensorJob, buffers: Buffers | None = None) -> tuple[np.ndarray, int, Kept]:
     """The merged tensor's bytes, how many blocks a grid policy had to quantize afresh, and the share kept.
 
-    ``buffers``, if given, supplies the output array where the tensor moves to a finer grid (the merge hands
-    each written tensor's bytes back to it)."""
+    ``buffers``, if given, supplies the output array of a tensor rounded on a grid (the merge hands each
+    written tensor's bytes back to it)."""
     t = job.tensor
     if not on_grid(job):
         rows = _merged_rows(job)
@@ -318,6 +318,7 @@ def run_job(job: TensorJob, buffers: Buffers | None = None) -> tuple[np.ndarray,
             noise_budget=job.policy.noise_budget,
             refresh_fn=_fresh_blocks(job),
             in_place=regrid,
+            out=buffers.take(raw.nbytes) if buffers is not None and not regrid else None,
         )
     except FormatError as e:
         raise FormatError(f"base model tensor {t.name}: {e}") from e

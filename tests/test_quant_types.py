@@ -391,6 +391,13 @@ def test_grid_requantization_from_a_chunked_source_equals_the_whole_array(qtype)
         assert np.shares_memory(inplace[0], copy) and np.array_equal(whole[0], inplace[0])
     with pytest.raises(ValueError, match="writable"):
         requant.requantize_on_grid(np.frombuffer(raw.tobytes(), np.uint8), qtype, shift, in_place=True)
+    # into a given buffer (the merge's reused output buffers): the same bytes, the input untouched
+    given, before = np.full(raw.nbytes, 7, np.uint8), raw.copy()
+    into = requant.requantize_on_grid(raw, qtype, source, "dither", seed=3, out=given)
+    whole = requant.requantize_on_grid(raw, qtype, shift, "dither", seed=3)
+    assert np.shares_memory(into[0], given) and np.array_equal(into[0], whole[0]) and np.array_equal(raw, before)
+    with pytest.raises(ValueError, match="out must be"):
+        requant.requantize_on_grid(raw, qtype, shift, out=given[:-1])
 
 
 def test_vector_ranges_equal_the_whole_delta(llama_pair):

@@ -15,10 +15,13 @@ Long module: DESIGN.md keeps every reader and writer of the AV format in one mod
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
-from collections.abc import Callable, Iterable
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +38,7 @@ from .atomic import atomic_output
 from .errors import FormatError
 from .ggufheader import INTEGER_TYPES
 from .ggufread import GGUFModel, ModelTensor
-from .ggufwrite import SpooledGGUFWriter
+from .ggufwrite import DeclaredGGUFWriter, SpooledGGUFWriter, patch_header
 
 FORMAT_VERSION = 1
 ADAPTER_TYPE_FULL = "alignment_vector"
@@ -150,18 +153,28 @@ def _storage_type(dtype: str, shape: tuple[int, ...]) -> QT:
     return qtype
 
 
+def _stored(data: np.ndarray, qtype: QT) -> np.ndarray:
+    """A float32 tensor as a GGUF writer takes it in ``qtype``: F32/F16 values, else raw blocks (uint8 rows)."""
+    if qtype == QT.F32:
+        return data
+    if qtype == QT.F16:  # ggml-cpu's SIMD conversion: the bytes of numpy's astype (round to nearest even), 4x faster
+        return ggml.quantize(data.reshape(-1, data.shape[-1]), QT.F16).view(np.float16).reshape(data.shape)
+    return np_quantize(data, qtype)
+
+
+def _stored_spec(qtype: QT, shape: tuple[int, ...]) -> tuple[np.dtype[Any], tuple[int, ...]]:
+    """The dtype and shape of :func:`_stored`'s array for a tensor of ``shape``."""
+    if qtype in (QT.F32, QT.F16):
+        return np.dtype(np.float32 if qtype == QT.F32 else np.float16), shape
+    block, size = GGML_QUANT_SIZES[qtype]
+    return np.dtype(np.uint8), (*shape[:-1], shape[-1] // block * size)
+
+
 def _add_storage_tensor(writer: SpooledGGUFWriter, name: str, data: np.ndarray, dtype: str, content: Any) -> None:
     """Add one tensor in its storage type; ``content`` (a sha256) takes its stored bytes."""
     qtype = _storage_type(dtype, data.shape)
-    if qtype == QT.F32:
-        stored = data
-        writer.add_tensor(name, stored)
-    elif qtype == QT.F16:
-        stored = data.astype(np.float16)
-        writer.add_tensor(name, stored)
-    else:
-        stored = np_quantize(data, qtype)
-        writer.add_tensor(name, stored, qtype)
+    stored = _stored(data, qtype)
+    writer.add_tensor(name, stored, None if qtype in (QT.F32, QT.F16) else qtype)
     content.update(np.ascontiguousarray(stored).data)
 
 
@@ -209,16 +222,22 @@ def write_av(
     deltas: Iterable[tuple[str, np.ndarray]],
     info: AVInfo | Callable[[], AVInfo],
     dtype: str = "f32",
+    planned: Sequence[tuple[str, tuple[int, ...]]] | None = None,
 ) -> int:
     """Write a full-form AV file atomically; tensors whose delta is exactly zero are left out.
 
-    ``deltas`` yields (GGUF tensor name, float32 delta in GGUF layout), consumed one at a time and
-    spooled to a temporary file, so memory holds one tensor. ``info`` may be a callable, evaluated
-    after the last delta, for metadata computed while streaming (signature, fingerprint).
-    Returns the number of tensors written.
+    ``deltas`` yields (GGUF tensor name, float32 delta in GGUF layout), consumed one at a time, so memory
+    holds one tensor. ``info`` may be a callable, evaluated after the last delta, for metadata computed
+    while streaming (signature, fingerprint). Returns the number of tensors written.
+
+    Without ``planned`` the tensors are spooled to a temporary file and copied into the AV at the end.
+    ``planned``, the (name, shape) of every delta in the order ``deltas`` yields them, lets the file be
+    written front to back instead, each byte once (:func:`_write_planned`): at 7B that is 13.8 GB fewer.
     """
     if dtype not in STORAGE_TYPES:
         raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_TYPES)}, got {dtype!r}")
+    if planned is not None:
+        return _write_planned(path, architecture, deltas, info, dtype, planned)
     written = 0
     content = hashlib.sha256()
     with atomic_output(path) as tmp, SpooledGGUFWriter(tmp, architecture) as writer:
@@ -233,6 +252,122 @@ def write_av(
         put_metadata(writer, info, architecture, "full", content)
         writer.finish()
     return written
+
+
+class _Digest:
+    """What :func:`put_metadata` reads of a content hash: a fixed hex digest (a placeholder, or the final one)."""
+
+    def __init__(self, hexdigest: str):
+        self._hex = hexdigest
+
+    def hexdigest(self) -> str:
+        return self._hex
+
+
+def _placeholder(text: str) -> str:
+    """A unique stand-in of ``text``'s length for a header value known only at the end."""
+    return secrets.token_hex(len(text) // 2 + 1)[: len(text)]
+
+
+def _write_planned(
+    path: str | os.PathLike[str],
+    architecture: str,
+    deltas: Iterable[tuple[str, np.ndarray]],
+    info: AVInfo | Callable[[], AVInfo],
+    dtype: str,
+    planned: Sequence[tuple[str, tuple[int, ...]]],
+) -> int:
+    """:func:`write_av` front to back: header first, then each tensor's bytes once, in ``planned`` order.
+
+    The values known only after the last delta (the base's signature and fingerprint, the content digest)
+    are written as placeholders of their final length and patched in place (``patch_header``). Storing a
+    tensor (hashing it, writing it) runs on a second thread while the next delta is computed. A delta
+    that turns out exactly zero fills its slot with zeros and is left out afterwards by writing the file
+    once more without it (the rare case: two fine-tunes that share a tensor exactly).
+    """
+    specs = [(name, tuple(shape), _storage_type(dtype, tuple(shape))) for name, shape in planned]
+    start = info() if callable(info) else info
+    marks = {
+        "base_signature": _placeholder(start.base_signature),
+        "base_fingerprint": _placeholder(start.base_fingerprint),
+    }
+    content_mark = _placeholder("0" * 64)
+    marked = dataclasses.replace(start, **marks)
+    content = hashlib.sha256()
+    zero: set[str] = set()
+
+    def write_file(target: Path, meta: AVInfo, digest: str, keep: list[tuple[str, tuple[int, ...], QT]]) -> Any:
+        writer = DeclaredGGUFWriter(target, architecture)
+        put_metadata(writer, meta, architecture, "full", _Digest(digest))
+        for name, shape, qtype in keep:
+            st_dtype, st_shape = _stored_spec(qtype, shape)
+            writer.declare(name, st_dtype, st_shape, None if qtype in (QT.F32, QT.F16) else qtype)
+        return writer
+
+    with atomic_output(path) as tmp:
+        with write_file(tmp, marked, content_mark, specs) as writer, ThreadPoolExecutor(1, "av-write") as pool:
+            kv_end = writer.begin()
+            pending: Future[None] | None = None
+
+            def store(stored: np.ndarray, hashed: bool) -> None:
+                if hashed:
+                    content.update(np.ascontiguousarray(stored).data)  # hashlib releases the GIL
+                writer.write_tensor(stored)
+
+            count = 0
+            for name, delta in deltas:
+                want, shape, qtype = specs[count] if count < len(specs) else (None, None, QT.F32)
+                if name != want or tuple(delta.shape) != shape:
+                    raise ValueError(
+                        f"planned deltas: tensor {count} should be {want} {shape}, got {name} {delta.shape}"
+                    )
+                count += 1
+                delta = np.ascontiguousarray(delta, dtype=np.float32)
+                if not np.all(np.isfinite(delta)):
+                    raise FormatError(f"delta for {name} has NaN or infinite values; check both checkpoints")
+                if np.any(delta):
+                    stored = _stored(delta, qtype)
+                else:
+                    zero.add(name)
+                    st_dtype, st_shape = _stored_spec(qtype, shape)
+                    stored = np.zeros(st_shape, st_dtype)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(store, stored, name not in zero)
+                if np.shares_memory(stored, delta):  # the stream may reuse the delta's buffer for the next one
+                    pending.result()
+            if count != len(specs):
+                raise ValueError(f"planned deltas: {len(specs)} planned, {count} given")
+            if pending is not None:
+                pending.result()
+            writer.finish()
+        final = info() if callable(info) else info
+        digest = content.hexdigest()
+        values = {field: getattr(final, field) for field in marks}
+        if (
+            zero
+            or dataclasses.replace(final, **marks) != marked
+            or any(len(v) != len(marks[k]) for k, v in values.items())
+        ):
+            # write it again without the zero deltas (or with metadata of other lengths than the placeholders)
+            kept = [spec for spec in specs if spec[0] not in zero]
+            again = tmp.with_name(tmp.name + ".final")
+            try:
+                source = GGUFModel(tmp, "alignment vector", split=False)
+                with write_file(again, final, digest, kept) as rewriter:
+                    rewriter.begin()
+                    for name, _, _ in kept:
+                        rewriter.write_tensor(source.tensor(name).raw())
+                    rewriter.finish()
+                del source
+                os.replace(again, tmp)
+            finally:
+                again.unlink(missing_ok=True)
+        else:
+            patches = {marks[k].encode(): values[k].encode() for k in marks}
+            patches[content_mark.encode()] = digest.encode()
+            patch_header(tmp, kv_end, patches)
+    return len(specs) - len(zero)
 
 
 def write_lowrank_av(

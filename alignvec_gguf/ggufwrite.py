@@ -6,10 +6,13 @@
 - :class:`SpooledGGUFWriter` takes the tensors first and the metadata last: an AV's signature and
   fingerprint are known only once every delta has streamed past. Tensors are spooled to a temporary
   file by gguf-py's ``GGUFWriter`` (the well-kept writer), and the file is written at :meth:`finish`.
+- :class:`DeclaredGGUFWriter` takes the metadata and every tensor's type and shape first, then the
+  tensors' data front to back, through gguf-py's ``GGUFWriter`` without a spool: each byte is written
+  once. Metadata known only at the end gets placeholders of its final length, patched afterwards.
 
 :func:`patch_header` fills in, after the tensors, metadata a stream writer could only reserve room for.
 
-Both writers guard the order of their calls with an explicit state, like gguf-py's writer (``EMPTY`` →
+The writers guard the order of their calls with an explicit state, like gguf-py's writer (``EMPTY`` →
 ``HEADER`` → ``TENSORS`` → ``DONE``): a tensor before the header, a second header, a ``finish`` with
 tensors missing or any call after ``finish`` raises :class:`WriterStateError` naming the state.
 """
@@ -208,6 +211,78 @@ class SpooledGGUFWriter(_Ordered):
         self.state = WriterState.DONE
 
     def __enter__(self) -> SpooledGGUFWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DeclaredGGUFWriter(_Ordered):
+    """A GGUF v3 file whose tensors are declared before any data, then written in that order (no spool).
+
+    :meth:`add` metadata and :meth:`declare` every tensor (state ``EMPTY``); :meth:`begin` writes header,
+    metadata and tensor infos and returns where the metadata ends (for :func:`patch_header`); then
+    :meth:`write_tensor` once per declared tensor, in order (``TENSORS``), and :meth:`finish` (``DONE``).
+    Serialized by gguf-py's ``GGUFWriter``; :meth:`close` (or leaving the ``with`` block) closes the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], architecture: str):
+        self.path = os.fspath(path)
+        self._writer = GGUFWriter(self.path, architecture)
+        self._left = 0
+        self._closed = False
+
+    def add(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None) -> None:
+        """One metadata item of an explicit type (as :meth:`SpooledGGUFWriter.add`)."""
+        self._expect("add metadata", WriterState.EMPTY)
+        if vtype == GGUFValueType.ARRAY and item_type is None:
+            raise ValueError(f"metadata {key}: an array needs its item type")
+        self._writer.add_key_value(key, value, vtype, item_type)
+
+    def declare(
+        self, name: str, dtype: np.dtype[Any], shape: Sequence[int], tensor_type: GGMLQuantizationType | None = None
+    ) -> None:
+        """A tensor to come: the dtype and shape of the array :meth:`write_tensor` will get, as
+        ``GGUFWriter.add_tensor`` takes it (F32/F16 values, or ``tensor_type``'s raw blocks as uint8 rows)."""
+        self._expect("declare a tensor", WriterState.EMPTY)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        self._writer.add_tensor_info(name, shape, np.dtype(dtype), nbytes, raw_dtype=tensor_type)
+        self._left += 1
+
+    def begin(self) -> int:
+        """Write everything before the tensor data; returns where the metadata ends."""
+        self._expect("begin", WriterState.EMPTY)
+        self._writer.write_header_to_file()
+        self._writer.write_kv_data_to_file()  # flushes
+        kv_end = os.path.getsize(self.path)
+        self._writer.write_ti_data_to_file()
+        self.state = WriterState.HEADER
+        return kv_end
+
+    def write_tensor(self, data: np.ndarray) -> None:
+        """The next declared tensor's data (its declared size; gguf-py checks it)."""
+        self._expect("write a tensor", WriterState.HEADER, WriterState.TENSORS)
+        if not self._left:
+            raise WriterStateError(f"{type(self).__name__}: every declared tensor is written; no slot is left")
+        self._writer.write_tensor_data(np.ascontiguousarray(data))
+        self._left -= 1
+        self.state = WriterState.TENSORS
+
+    def finish(self) -> None:
+        """Check that every declared tensor was written, and close the file."""
+        self._expect("finish", WriterState.HEADER, WriterState.TENSORS)
+        if self._left:
+            raise WriterStateError(f"{type(self).__name__}: cannot finish: {self._left} declared tensors never written")
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (also after an error); later calls raise WriterStateError."""
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+        self.state = WriterState.DONE
+
+    def __enter__(self) -> DeclaredGGUFWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

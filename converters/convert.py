@@ -119,6 +119,13 @@ class DeltaStream:
         self.max_abs = 0.0
         self._hasher: ThreadPoolExecutor | None = None
 
+    def planned(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(GGUF name, shape) of every delta, in the order they are yielded (``write_av`` writes the header first)."""
+        return [(item.gguf_name, tuple(shape)) for item, shape in zip(self.plan, self._shapes(), strict=True)]
+
+    def _shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(self.layout.gguf_shape(item, self.base.shape(item.sources[0]))) for item in self.plan]
+
     def source(self, ckpt: Checkpoint, hf_name: str) -> torch.Tensor:
         """One checkpoint tensor through llama.cpp's transform, as float32 (may be a read-only view)."""
         return self.layout.transform(hf_name, ckpt.tensor(hf_name)).to(torch.float32)
@@ -169,7 +176,7 @@ class DeltaStream:
         return by_item
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-        shapes = [self.layout.gguf_shape(item, self.base.shape(item.sources[0])) for item in self.plan]
+        shapes = self._shapes()
         release = {id(c): self._last_use(c) for c in (self.base, self.aligned)}
         size = max((math.prod(s) for s in shapes), default=0)
         scratch = torch.empty(size, dtype=torch.float32) if self.reuse_buffer else None
@@ -262,7 +269,7 @@ def convert(
         )
         written = lowrank.tensors_written + len(lowrank.dropped)  # changed tensors, as in the full form
     else:
-        written = write_av(out, layout.gguf_arch_name, iter(stream), info, dtype=dtype)
+        written = write_av(out, layout.gguf_arch_name, iter(stream), info, dtype=dtype, planned=stream.planned())
     base_ckpt.close()
     aligned_ckpt.close()
     final = info()

@@ -85,3 +85,41 @@ def test_mistral_layout(llama_src, tokenizer, tmp_path):
 def test_identical_checkpoints_give_an_empty_vector(llama_pair, tmp_path):
     out = convert(llama_pair.base_dir, llama_pair.base_dir, tmp_path / "zero.avec.gguf")
     assert out.tensors_written == 0 and AlignmentVector(out.path).names == []
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+def test_a_planned_vector_is_written_once_with_the_spooled_files_bytes(llama_pair, tmp_path, dtype):
+    """write_av(planned=...) writes the header first and each tensor once: the same file as the spooled path,
+    with a zero delta (left out by writing the file again) and without one (placeholders patched in place)."""
+    from alignvec_gguf.avfile import write_av
+
+    av = AlignmentVector(llama_pair.av)
+    deltas = [(n, av.delta(n)) for n in av.names]
+    with_zero = deltas[:2] + [(deltas[2][0], np.zeros_like(deltas[2][1]))] + deltas[3:]
+    for case, items in (("dense", deltas), ("zero", with_zero)):
+        spooled, planned = tmp_path / f"{case}-spooled.avec.gguf", tmp_path / f"{case}-planned.avec.gguf"
+        n_spooled = write_av(spooled, av.info.architecture, iter(items), lambda: av.info, dtype=dtype)
+        plan = [(n, d.shape) for n, d in items]
+        n_planned = write_av(planned, av.info.architecture, iter(items), lambda: av.info, dtype=dtype, planned=plan)
+        assert n_planned == n_spooled == len(items) - (case == "zero")
+        assert planned.read_bytes() == spooled.read_bytes(), case
+        assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".final")]
+
+
+def test_a_planned_vector_that_is_not_what_was_planned_leaves_no_file(llama_pair, tmp_path):
+    from alignvec_gguf.avfile import write_av
+    from alignvec_gguf.errors import FormatError
+
+    av = AlignmentVector(llama_pair.av)
+    deltas = [(n, av.delta(n)) for n in av.names]
+    plan = [(n, d.shape) for n, d in deltas]
+    out = tmp_path / "v.avec.gguf"
+    with pytest.raises(ValueError, match="tensor 1 should be"):
+        write_av(out, av.info.architecture, iter([deltas[0], deltas[2]]), av.info, planned=plan)
+    with pytest.raises(ValueError, match="planned, 1 given"):
+        write_av(out, av.info.architecture, iter(deltas[:1]), av.info, planned=plan)
+    bad = deltas[1][1].copy()
+    bad.flat[3] = np.nan
+    with pytest.raises(FormatError, match="NaN"):
+        write_av(out, av.info.architecture, iter([deltas[0], (deltas[1][0], bad)]), av.info, planned=plan[:2])
+    assert list(tmp_path.iterdir()) == []

@@ -28,6 +28,7 @@ from alignvec_gguf import export, ggufread, live
 from alignvec_gguf.errors import FormatError
 from alignvec_gguf.ggufread import GGUFModel, open_file
 from alignvec_gguf.ggufwrite import (
+    DeclaredGGUFWriter,
     GGUFStreamWriter,
     SpooledGGUFWriter,
     TensorSlot,
@@ -103,6 +104,35 @@ def test_stream_writer_output_reads_back_through_gguf_py(tmp_path: Path) -> None
     got = {t.name: t for t in reader.tensors}
     assert oracle.tensor_shape(got["a"]) == (2, 32) and got["b"].tensor_type == QT.F16
     assert oracle.tensor_bytes(reader, got["a"]).tobytes() == A.tobytes()
+    assert oracle.tensor_bytes(reader, got["b"]).tobytes() == B.tobytes()
+
+
+# --- DeclaredGGUFWriter: EMPTY (metadata, declarations) -> HEADER -> TENSORS -> DONE ----------------------
+def test_declared_writer_keeps_its_order_and_reads_back_through_gguf_py(tmp_path: Path) -> None:
+    path = tmp_path / "declared.gguf"
+    with DeclaredGGUFWriter(path, "llama") as w:
+        w.add("general.name", "tiny", GGUFValueType.STRING)
+        w.declare("a", A.dtype, A.shape)
+        w.declare("b", B.dtype, B.shape)
+        with pytest.raises(WriterStateError, match="cannot write a tensor in state EMPTY"):
+            w.write_tensor(A)
+        end = w.begin()
+        for late in (lambda: w.declare("c", A.dtype, A.shape), lambda: w.add("x", "y", GGUFValueType.STRING)):
+            with pytest.raises(WriterStateError, match="in state HEADER"):
+                late()
+        w.write_tensor(A)
+        with pytest.raises(WriterStateError, match="1 declared tensors never written"):
+            w.finish()
+        w.write_tensor(B)
+        with pytest.raises(WriterStateError, match="no slot is left"):
+            w.write_tensor(B)
+        w.finish()
+    assert w.state is WriterState.DONE
+    assert path.read_bytes()[:end].endswith(b"tiny")  # the metadata ends there: placeholders are patched below it
+    reader = oracle.open_gguf(path)
+    assert oracle.field(reader, "general.name") == "tiny" and oracle.field(reader, "general.architecture") == "llama"
+    got = {t.name: t for t in reader.tensors}
+    assert oracle.tensor_bytes(reader, got["a"]).tobytes() == A.tobytes() and got["b"].tensor_type == QT.F16
     assert oracle.tensor_bytes(reader, got["b"]).tobytes() == B.tobytes()
 
 

@@ -24,7 +24,7 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, GGUFWriter
@@ -55,6 +55,37 @@ class _Ordered:
                 f"{type(self).__name__}: cannot {action} in state {self.state.name} ({self.state.value}); "
                 f"it needs state {wanted}"
             )
+
+
+_W = TypeVar("_W", bound="_OverGGUFPy")
+
+
+class _OverGGUFPy(_Ordered):
+    """What both writers over gguf-py's ``GGUFWriter`` share: typed metadata, closing, the ``with`` block."""
+
+    _writer: GGUFWriter
+    _closed = False
+    _ADD_STATES: tuple[WriterState, ...] = (WriterState.EMPTY,)  # where add() is allowed
+
+    def add(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None) -> None:
+        """One metadata item of an explicit type (strings may be empty; arrays need ``item_type``)."""
+        self._expect("add metadata", *self._ADD_STATES)
+        if vtype == GGUFValueType.ARRAY and item_type is None:
+            raise ValueError(f"metadata {key}: an array needs its item type")
+        self._writer.add_key_value(key, value, vtype, item_type)
+
+    def close(self) -> None:
+        """Close the file (and drop a spool), also after an error; later calls raise WriterStateError."""
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+        self.state = WriterState.DONE
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _pack_string(text: str) -> bytes:
@@ -166,7 +197,7 @@ class GGUFStreamWriter(_Ordered):
         self.state = WriterState.DONE
 
 
-class SpooledGGUFWriter(_Ordered):
+class SpooledGGUFWriter(_OverGGUFPy):
     """A GGUF v3 file whose tensors are given before its metadata (an AV's identity is known at the end).
 
     :meth:`add_tensor` (state ``EMPTY`` → ``TENSORS``) spools each tensor's bytes to a temporary file;
@@ -175,16 +206,10 @@ class SpooledGGUFWriter(_Ordered):
     spool whatever happened. Metadata and tensors are serialized by gguf-py's ``GGUFWriter``.
     """
 
+    _ADD_STATES = (WriterState.EMPTY, WriterState.TENSORS)  # metadata may come after the tensors
+
     def __init__(self, path: str | os.PathLike[str], architecture: str):
         self._writer = GGUFWriter(os.fspath(path), architecture, use_temp_file=True)
-        self._closed = False
-
-    def add(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None) -> None:
-        """One metadata item of an explicit type (strings may be empty; arrays need ``item_type``)."""
-        self._expect("add metadata", WriterState.EMPTY, WriterState.TENSORS)
-        if vtype == GGUFValueType.ARRAY and item_type is None:
-            raise ValueError(f"metadata {key}: an array needs its item type")
-        self._writer.add_key_value(key, value, vtype, item_type)
 
     def add_tensor(self, name: str, data: np.ndarray, tensor_type: GGMLQuantizationType | None = None) -> None:
         """One tensor: F32/F16 values as they are, or ``tensor_type``'s raw blocks (uint8, numpy-order rows)."""
@@ -203,21 +228,8 @@ class SpooledGGUFWriter(_Ordered):
         self._writer.write_tensors_to_file()
         self.state = WriterState.DONE
 
-    def close(self) -> None:
-        """Close the file and drop the spool (also after an error); later calls raise WriterStateError."""
-        if not self._closed:
-            self._closed = True
-            self._writer.close()
-        self.state = WriterState.DONE
 
-    def __enter__(self) -> SpooledGGUFWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class DeclaredGGUFWriter(_Ordered):
+class DeclaredGGUFWriter(_OverGGUFPy):
     """A GGUF v3 file whose tensors are declared before any data, then written in that order (no spool).
 
     :meth:`add` metadata and :meth:`declare` every tensor (state ``EMPTY``); :meth:`begin` writes header,
@@ -230,14 +242,6 @@ class DeclaredGGUFWriter(_Ordered):
         self.path = os.fspath(path)
         self._writer = GGUFWriter(self.path, architecture)
         self._left = 0
-        self._closed = False
-
-    def add(self, key: str, value: Any, vtype: GGUFValueType, item_type: GGUFValueType | None = None) -> None:
-        """One metadata item of an explicit type (as :meth:`SpooledGGUFWriter.add`)."""
-        self._expect("add metadata", WriterState.EMPTY)
-        if vtype == GGUFValueType.ARRAY and item_type is None:
-            raise ValueError(f"metadata {key}: an array needs its item type")
-        self._writer.add_key_value(key, value, vtype, item_type)
 
     def declare(
         self, name: str, dtype: np.dtype[Any], shape: Sequence[int], tensor_type: GGMLQuantizationType | None = None
@@ -273,17 +277,4 @@ class DeclaredGGUFWriter(_Ordered):
         self._expect("finish", WriterState.HEADER, WriterState.TENSORS)
         if self._left:
             raise WriterStateError(f"{type(self).__name__}: cannot finish: {self._left} declared tensors never written")
-        self.close()
-
-    def close(self) -> None:
-        """Close the file (also after an error); later calls raise WriterStateError."""
-        if not self._closed:
-            self._closed = True
-            self._writer.close()
-        self.state = WriterState.DONE
-
-    def __enter__(self) -> DeclaredGGUFWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
         self.close()
